@@ -1,0 +1,102 @@
+"""The record contract (schema v1): one place, imported by every part.
+
+Tables:
+- routing      one row per (token, MoE layer, chosen slot)
+- token_stats  one row per (token, MoE layer)
+- expert_step  exact aggregates per (run, checkpoint, step, rank, layer, expert) for ALL
+               tokens, even when per-token rows are sampled. Several rows may share a key
+               (one per frame); readers always SUM.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+_CONTEXT = [
+    pa.field("run", pa.string(), nullable=False),
+    pa.field("checkpoint", pa.string(), nullable=False),
+    pa.field("step", pa.int64(), nullable=False),
+    pa.field("rank", pa.int32(), nullable=False),
+]
+_TOKEN = [
+    pa.field("microbatch", pa.int32(), nullable=False),
+    pa.field("seq", pa.int32(), nullable=False),      # sequence index within the microbatch
+    pa.field("pos", pa.int32(), nullable=False),      # position within the sequence
+    pa.field("token_id", pa.int32(), nullable=False),  # -1 when unknown
+    pa.field("layer", pa.int16(), nullable=False),
+]
+_DOMAIN = pa.field("domain", pa.string(), nullable=True)
+# "prefill" / "decode" in serving, "train" / "eval" otherwise.
+_PHASE = pa.field("phase", pa.string(), nullable=True)
+
+ROUTING = pa.schema(
+    _CONTEXT
+    + _TOKEN
+    + [
+        pa.field("slot", pa.int8(), nullable=False),
+        pa.field("expert", pa.int16(), nullable=False),
+        pa.field("weight", pa.float32(), nullable=False),
+        pa.field("dropped", pa.bool_(), nullable=False),
+        _DOMAIN,
+        _PHASE,
+    ]
+)
+
+TOKEN_STATS = pa.schema(
+    _CONTEXT
+    + _TOKEN
+    + [
+        pa.field("entropy", pa.float32(), nullable=False),
+        pa.field("logsumexp", pa.float32(), nullable=True),
+        pa.field("margin", pa.float32(), nullable=False),
+        _DOMAIN,
+        _PHASE,
+    ]
+)
+
+EXPERT_STEP = pa.schema(
+    _CONTEXT
+    + [
+        pa.field("layer", pa.int16(), nullable=False),
+        pa.field("expert", pa.int16(), nullable=False),
+        pa.field("num_tokens", pa.int64(), nullable=False),  # T of the layer in this frame
+        pa.field("tokens", pa.int64(), nullable=False),      # (token, slot) assignments, dropped included
+        pa.field("dropped", pa.int64(), nullable=False),
+        pa.field("top1", pa.int64(), nullable=False),        # tokens whose slot-0 expert this is
+        pa.field("prob_sum", pa.float64(), nullable=False),  # Switch P_i numerator
+        pa.field("weight_sum", pa.float64(), nullable=False),
+        _PHASE,
+    ]
+)
+
+TABLES: dict[str, pa.Schema] = {"routing": ROUTING, "token_stats": TOKEN_STATS, "expert_step": EXPERT_STEP}
+
+
+def empty_tables() -> dict[str, pa.Table]:
+    return {name: schema.empty_table() for name, schema in TABLES.items()}
+
+
+def conform(name: str, table: pa.Table) -> pa.Table:
+    """Cast `table` to the contract of `name`; raises SchemaError naming what is wrong."""
+    schema = TABLES.get(name)
+    if schema is None:
+        raise SchemaError(f"unknown table {name!r}; expected one of {sorted(TABLES)}")
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    if missing:
+        raise SchemaError(f"table {name!r} is missing column(s) {missing}")
+    extra = [c for c in table.column_names if c not in schema.names]
+    if extra:
+        raise SchemaError(f"table {name!r} has unknown column(s) {extra}")
+    try:
+        table = table.select(schema.names).cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        raise SchemaError(f"table {name!r} does not match schema v{SCHEMA_VERSION}: {exc}") from None
+    for field in schema:
+        if not field.nullable and table.column(field.name).null_count:
+            raise SchemaError(f"table {name!r} column {field.name!r} has nulls")
+    return table
+
+
+class SchemaError(ValueError):
+    """A frame or table that does not follow the record contract."""

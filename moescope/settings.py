@@ -1,0 +1,27 @@
+"""Service settings: one typed place, each field documented, env prefix MOESCOPE_."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MOESCOPE_", extra="ignore")
+
+    store: Path = Field(Path("moescope-data"), description="Store directory: Parquet segments, checkpoints, and the default SQLite metadata DB.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL of the metadata DB; default sqlite:///<store>/meta.sqlite.")
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL: Celery broker and the frame stream.")
+    stream: str = Field("moescope:frames", description="Redis stream the probe writes frames to.")
+    dead_letter_stream: str = Field("moescope:dead", description="Redis stream for frames that failed validation, with the reason.")
+    api_token: str | None = Field(None, description="Bearer token required by the API for writes (alerts); reads stay open when unset.")
+    host: str = Field("127.0.0.1", description="Address `moescope serve` binds to.")
+    port: int = Field(8050, description="Port `moescope serve` binds to.")
+    compact_interval_s: float = Field(60.0, description="How often beat schedules segment compaction.")
+    retention_days: float | None = Field(None, description="Drop runs older than this many days (None keeps everything).")
+    alert_interval_s: float = Field(30.0, description="How often beat schedules alert evaluation.")
+
+
+def get_settings(**overrides) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
