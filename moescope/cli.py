@@ -1,0 +1,189 @@
+"""The `moescope` command line: one entry point, one sub-command per job.
+
+User mistakes (bad paths, unknown runs, models without routers, bad options) end with
+a one-line message and a non-zero exit; set MOESCOPE_DEBUG=1 to see tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from moescope.settings import get_settings
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user mistake found by the CLI itself."""
+
+
+def _store(args, *, create: bool = True):
+    from moescope.collector.store import Store
+
+    settings = get_settings(store=args.store)
+    return Store(settings.store, settings.database_url, create=create)
+
+
+def cmd_demo(args) -> int:
+    from moescope.demo import run_demo
+
+    if args.steps < 1:
+        raise CliError(f"--steps must be at least 1, got {args.steps}")
+    store = _store(args)
+    summary = run_demo(store, steps=args.steps, run=args.run, seed=args.seed, checkpoints=args.checkpoints,
+                       backend=args.backend, progress=not args.quiet)
+    print(summary)
+    if args.no_serve:
+        return 0
+    return _serve(store, args.host, args.port)
+
+
+def cmd_serve(args) -> int:
+    return _serve(_store(args), args.host, args.port)
+
+
+def _serve(store, host, port) -> int:
+    from moescope.dashboard import serve
+
+    settings = get_settings(host=host, port=port)
+    print(f"moescope dashboard on http://{settings.host}:{settings.port}/  (store {store.root}; Ctrl-C to stop)", flush=True)
+    serve(store, settings.host, settings.port)
+    return 0
+
+
+def cmd_runs(args) -> int:
+    import pandas as pd
+
+    df = _store(args, create=False).runs()
+    if df.empty:
+        print("no runs recorded yet; try `moescope demo`")
+        return 0
+    df["created_at"] = pd.to_datetime(df["created_at"], unit="s").dt.strftime("%Y-%m-%d %H:%M:%S")
+    df["last_write"] = pd.to_datetime(df["last_write"], unit="s").dt.strftime("%Y-%m-%d %H:%M:%S")
+    print(df.to_string(index=False))
+    return 0
+
+
+def cmd_check(args) -> int:
+    from moescope.collector.check import check_run
+
+    text, code = check_run(_store(args, create=False), args.run)
+    print(text)
+    return code
+
+
+def cmd_export(args) -> int:
+    out = _store(args, create=False).export(args.run, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from moescope.collector.celery_app import run_worker
+
+    return run_worker(get_settings(store=args.store), concurrency=args.concurrency) or 0
+
+
+def cmd_beat(args) -> int:
+    from moescope.collector.celery_app import run_beat
+
+    return run_beat(get_settings(store=args.store)) or 0
+
+
+def cmd_alerts(args) -> int:
+    from moescope.analysis import alerts
+
+    store = _store(args)
+    if args.action == "list":
+        df = alerts.list_rules(store)
+        print(df.to_string(index=False) if len(df) else "no alert rules")
+    elif args.action == "add":
+        rule = alerts.add_rule(store, name=args.name, metric=args.metric, comparison=args.comparison,
+                               threshold=args.threshold, run=args.run, layer=args.layer, window_steps=args.window,
+                               for_evaluations=args.for_evaluations, webhook=args.webhook)
+        print(f"added rule {rule}")
+    elif args.action == "delete":
+        alerts.delete_rule(store, args.name)
+        print(f"deleted rule {args.name}")
+    elif args.action == "events":
+        df = alerts.list_events(store)
+        print(df.to_string(index=False) if len(df) else "no alert events")
+    elif args.action == "evaluate":
+        events = alerts.evaluate_alerts(store)
+        print(f"{len(events)} new event(s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moescope", description="Mixture-of-Experts observability and router analysis.")
+    parser.add_argument("--version", action="version", version=f"moescope {__import__('moescope').__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--store", default=None, help="store directory (default $MOESCOPE_STORE or ./moescope-data)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", parents=[common], help="train the reference MoE with the probe attached, record, then serve")
+    demo.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
+    demo.add_argument("--run", default=None, help="run id (default demo-<timestamp>)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--checkpoints", type=int, default=4, help="checkpoints saved during training (default 4)")
+    demo.add_argument("--backend", choices=["torch", "triton"], default="torch", help="MoE layer implementation")
+    demo.add_argument("--no-serve", action="store_true", help="stop after recording")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument("--host", default=None)
+    demo.add_argument("--port", type=int, default=None)
+    demo.set_defaults(func=cmd_demo)
+
+    serve = sub.add_parser("serve", parents=[common], help="serve the API and dashboard on 127.0.0.1")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.set_defaults(func=cmd_serve)
+
+    sub.add_parser("runs", parents=[common], help="table of recorded runs").set_defaults(func=cmd_runs)
+
+    check = sub.add_parser("check", parents=[common], help="ledger reconciliation; non-zero exit on a gap")
+    check.add_argument("run")
+    check.set_defaults(func=cmd_check)
+
+    export = sub.add_parser("export", parents=[common], help="write a self-contained DuckDB database of one run")
+    export.add_argument("run")
+    export.add_argument("--out", required=True, help="output .duckdb file (must not exist)")
+    export.set_defaults(func=cmd_export)
+
+    worker = sub.add_parser("worker", parents=[common], help="Celery ingest worker")
+    worker.add_argument("--concurrency", type=int, default=1)
+    worker.set_defaults(func=cmd_worker)
+    sub.add_parser("beat", parents=[common], help="Celery scheduler (compaction, retention, alerts)").set_defaults(func=cmd_beat)
+
+    alerts = sub.add_parser("alerts", parents=[common], help="list / add / delete alert rules, show events")
+    alerts.add_argument("action", choices=["list", "add", "delete", "events", "evaluate"])
+    alerts.add_argument("--name")
+    alerts.add_argument("--metric")
+    alerts.add_argument("--comparison", default=">")
+    alerts.add_argument("--threshold", type=float)
+    alerts.add_argument("--run")
+    alerts.add_argument("--layer", type=int)
+    alerts.add_argument("--window", type=int, default=50)
+    alerts.add_argument("--for-evaluations", type=int, default=1)
+    alerts.add_argument("--webhook")
+    alerts.set_defaults(func=cmd_alerts)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (CliError, ValueError, PermissionError, FileNotFoundError) as exc:
+        if os.environ.get("MOESCOPE_DEBUG"):
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"moescope: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    return code or 0
+
+
+def entry() -> None:
+    sys.exit(main())
