@@ -19,3 +19,8 @@ def store(tmp_path):
     s = Store(tmp_path / "store")
     yield s
     s.close()
+
+
+@pytest.fixture
+def postgres_url():
+    return POSTGRES_URL
