@@ -6,6 +6,7 @@ a one-line message and a non-zero exit; set MOESCOPE_DEBUG=1 to see tracebacks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -170,19 +171,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+USER_ERRORS = (CliError, ValueError, PermissionError, FileNotFoundError)
+
+
+@contextlib.contextmanager
+def report_errors():
+    """Turn a user mistake into a one-line message and exit status 2 (no traceback).
+
+    Scripts that attach the probe can use it too: `with report_errors(): ...`.
+    """
     try:
-        code = args.func(args)
+        yield
     except KeyboardInterrupt:
-        return 130
-    except (CliError, ValueError, PermissionError, FileNotFoundError) as exc:
+        sys.exit(130)
+    except USER_ERRORS as exc:
         if os.environ.get("MOESCOPE_DEBUG"):
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"moescope: error: {msg}", file=sys.stderr)
-        return EXIT_USAGE
-    return code or 0
+        sys.exit(EXIT_USAGE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with report_errors():
+        return args.func(args) or 0
+    return EXIT_USAGE  # unreachable: report_errors exits
 
 
 def entry() -> None:
