@@ -9,7 +9,6 @@ file lock.
 from __future__ import annotations
 
 import os
-import re
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -25,9 +24,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from moescope.collector import metadata as md
 from moescope.frame import Frame
-from moescope.schema import TABLES
+from moescope.schema import TABLES, check_run_id
 
-RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,199}$")
 _PARQUET_KW = {"compression": "zstd", "compression_level": 3}
 # Retired segment files stay on disk this long so queries that listed them still finish.
 RETIRE_GRACE_S = 120.0
@@ -39,12 +37,6 @@ class StoreError(ValueError):
 
 class UnknownRun(StoreError):
     pass
-
-
-def check_run_id(run: str) -> str:
-    if not isinstance(run, str) or not RUN_ID.match(run):
-        raise StoreError(f"invalid run id {run!r}: use letters, digits and . _ : + - (at most 200)")
-    return run
 
 
 class Store:

@@ -9,9 +9,12 @@ Tables:
 """
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,199}$")
 
 _CONTEXT = [
     pa.field("run", pa.string(), nullable=False),
@@ -100,3 +103,10 @@ def conform(name: str, table: pa.Table) -> pa.Table:
 
 class SchemaError(ValueError):
     """A frame or table that does not follow the record contract."""
+
+
+def check_run_id(run: str) -> str:
+    """Run ids name directories and URL paths, so they are kept to a safe alphabet."""
+    if not isinstance(run, str) or not RUN_ID.match(run):
+        raise SchemaError(f"invalid run id {run!r}: use letters, digits and . _ : + - (at most 200, not starting with a symbol)")
+    return run
