@@ -1,0 +1,68 @@
+"""DeepSpeed MoE: `deepspeed.moe.sharded_moe.TopKGate` (top-1, top-2, top-k with capacity).
+
+Legend: T tokens, D hidden, E experts, K slots per token, C expert capacity.
+
+The gate returns (l_aux, combine_weights_TEC, dispatch_mask_TEC, exp_counts). Summing
+over C gives each token's applied gate per expert (0 where capacity dropped it), and the
+dispatch mask says which (token, expert) pairs were computed. The chosen experts are the
+dispatched ones, then the remaining ones by logit rank: that recovers the slots capacity
+dropped (DeepSpeed's own argmax order; for top-2 with 2nd-expert sampling in training a
+dropped second slot is the best-logit candidate, not the sampled one). Logits are not
+returned, so they are recomputed with the gate's own linear in fp32, as the gate does.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moescope.probe.adapters.base import RouterCapture, RouterSite
+from moescope.probe.adapters.hf_common import number_layers, sort_slots
+
+
+def _gate_class():
+    mod = sys.modules.get("deepspeed.moe.sharded_moe")  # never import deepspeed ourselves
+    return getattr(mod, "TopKGate", None) if mod is not None else None
+
+
+class DeepSpeedAdapter:
+    name = "deepspeed"
+
+    def sites(self, model: nn.Module) -> list[RouterSite]:
+        gate_cls = _gate_class()
+        if gate_cls is None:
+            return []
+        found = [(p, m) for p, m in model.named_modules() if isinstance(m, gate_cls)]
+        layers = number_layers(model, [p for p, _ in found])
+        return [
+            RouterSite(
+                module_path=p, layer=layers[p], num_experts=int(m.wg.out_features), top_k=int(m.k),
+                router_kind=f"top{m.k}-capacity" if m.drop_tokens else f"top{m.k}",
+                capacity_factor=float(m.capacity_factor),
+            )
+            for p, m in found
+        ]
+
+    def capture(self, site: RouterSite, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> RouterCapture | None:
+        if not isinstance(output, tuple) or len(output) != 4 or output[1].dim() != 3:
+            return None  # sparse_routes / tutel layouts are not the dense (T, E, C) form
+        x = args[0] if args else kwargs["input"]
+        _, combine_TEC, dispatch_TEC, _ = output
+        num_experts, top_k = site.num_experts, site.top_k
+        with torch.no_grad():
+            logits_TE = F.linear(x.detach().float(), module.wg.weight.float()).reshape(-1, num_experts)
+        combine_TE = combine_TEC.detach().float().sum(-1)
+        dispatched_TE = dispatch_TEC.detach().any(-1)
+        # Dispatched experts first (large offset), then the rest by logit.
+        rank_TE = logits_TE - logits_TE.amin(-1, keepdim=True) + dispatched_TE * (logits_TE.abs().amax() * 4 + 1)
+        ids_TK = torch.topk(rank_TE, top_k, dim=-1).indices
+        weights_TK = combine_TE.gather(1, ids_TK)
+        dropped_TK = ~dispatched_TE.gather(1, ids_TK)
+        ids_TK, weights_TK, dropped_TK = sort_slots(ids_TK, weights_TK, dropped_TK)
+        return RouterCapture(
+            probs_TE=torch.softmax(logits_TE, dim=-1), expert_ids_TK=ids_TK, weights_TK=weights_TK,
+            logits_TE=logits_TE, dropped_TK=dropped_TK,
+        )
