@@ -93,23 +93,28 @@ def cmd_beat(args) -> int:
 
 
 def cmd_alerts(args) -> int:
+    import pandas as pd
+
     from moescope.analysis import alerts
 
     store = _store(args)
     if args.action == "list":
-        df = alerts.list_rules(store)
-        print(df.to_string(index=False) if len(df) else "no alert rules")
+        rules = alerts.list_rules(store)
+        print(pd.DataFrame(rules).to_string(index=False) if rules else "no alert rules")
     elif args.action == "add":
         rule = alerts.add_rule(store, name=args.name, metric=args.metric, comparison=args.comparison,
                                threshold=args.threshold, run=args.run, layer=args.layer, window_steps=args.window,
                                for_evaluations=args.for_evaluations, webhook=args.webhook)
         print(f"added rule {rule}")
     elif args.action == "delete":
-        alerts.delete_rule(store, args.name)
+        if not args.name:
+            raise CliError("alerts delete needs --name")
+        if not alerts.delete_rule(store, args.name):
+            raise CliError(f"no alert rule named {args.name!r}")
         print(f"deleted rule {args.name}")
     elif args.action == "events":
-        df = alerts.list_events(store)
-        print(df.to_string(index=False) if len(df) else "no alert events")
+        events = alerts.list_events(store)
+        print(pd.DataFrame(events).to_string(index=False) if events else "no alert events")
     elif args.action == "evaluate":
         events = alerts.evaluate_alerts(store)
         print(f"{len(events)} new event(s)")

@@ -1,0 +1,75 @@
+"""Router health (METRICS.md §8–10) from token_stats: entropy, z, top-1/top-2 margin.
+
+Each metric is a per-token value; reported as mean and quantiles per layer (per step
+with by="step"), or as a histogram with histogram=B bins.
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from moescope.analysis.query import Scope, check_options
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def _distribution(store, scope: Scope, value_sql: str, histogram: int | None, not_null: str | None = None) -> pd.DataFrame:
+    where, params = scope.where()
+    if not_null:
+        where += f" AND {not_null} IS NOT NULL AND isfinite({not_null})"
+    sk = scope.step_key
+    order = ("step, " if sk else "") + "layer"
+    if histogram is not None:
+        if isinstance(histogram, bool) or not isinstance(histogram, int) or histogram < 1:
+            raise ValueError(f"histogram must be a positive int (number of bins), got {histogram!r}")
+        return store.sql(f"""
+            WITH v AS (SELECT {sk} layer, ({value_sql})::DOUBLE AS x FROM token_stats WHERE {where}),
+            span AS (SELECT min(x) AS lo, greatest(max(x) - min(x), 1e-12) AS w FROM v)
+            SELECT {sk} layer, least(floor((x - lo) / w * {histogram}), {histogram - 1})::INT AS bin,
+                   any_value(lo + w * least(floor((x - lo) / w * {histogram}), {histogram - 1}) / {histogram}) AS lo,
+                   any_value(lo + w * (least(floor((x - lo) / w * {histogram}), {histogram - 1}) + 1) / {histogram}) AS hi,
+                   count(*) AS tokens
+            FROM v, span GROUP BY ALL ORDER BY {order}, bin""", params, run=scope.run)
+    qs = ", ".join(str(q) for q in QUANTILES)
+    df = store.sql(f"""
+        SELECT {sk} layer, count(*) AS tokens, avg(x) AS mean, quantile_cont(x, [{qs}]) AS q
+        FROM (SELECT {sk} layer, ({value_sql})::DOUBLE AS x FROM token_stats WHERE {where})
+        GROUP BY ALL ORDER BY {order}""", params, run=scope.run)
+    for i, q in enumerate(QUANTILES):
+        df[f"p{int(round(q * 100)):02d}"] = [qq[i] if qq is not None else float("nan") for qq in df["q"]]
+    return df.drop(columns="q")
+
+
+def entropy(store, scope: Scope, meta: pd.DataFrame, histogram: int | None = None, **options) -> pd.DataFrame:
+    """Per-token routing entropy H(p_t) = −Σ_i p_t,i ln p_t,i in nats (METRICS.md §8).
+
+    ln E at uniform routing (column `uniform`); a collapsing router shows a falling mean.
+    Columns: [step,] layer, tokens, mean, p05, p25, p50, p75, p95, uniform.
+    """
+    check_options("entropy", options, set())
+    df = _distribution(store, scope, "entropy", histogram)
+    if histogram is None:
+        sizes = dict(zip(meta.layer, meta.E))
+        df["uniform"] = [math.log(sizes[int(x)]) if int(x) in sizes else float("nan") for x in df["layer"]]
+    return df
+
+
+def z(store, scope: Scope, meta: pd.DataFrame, histogram: int | None = None, **options) -> pd.DataFrame:
+    """Router z = mean_t (logsumexp_i z_t,i)² (ST-MoE, Zoph et al. 2022, Eq. 5: the z-loss).
+
+    Tokens whose router gave no logits (logsumexp NULL) are left out.
+    Columns: [step,] layer, tokens, mean (the z-loss), p05 … p95 of the per-token square.
+    """
+    check_options("z", options, set())
+    return _distribution(store, scope, "logsumexp * logsumexp", histogram, not_null="logsumexp")
+
+
+def margin(store, scope: Scope, meta: pd.DataFrame, histogram: int | None = None, **options) -> pd.DataFrame:
+    """Top-1/top-2 margin p_t,(1) − p_t,(2) (METRICS.md §10): small margins mean an undecided router.
+
+    Columns: [step,] layer, tokens, mean, p05, p25, p50, p75, p95.
+    """
+    check_options("margin", options, set())
+    return _distribution(store, scope, "margin", histogram)
+

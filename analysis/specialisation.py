@@ -1,0 +1,128 @@
+"""Specialisation (METRICS.md §11–14) from routing rows: domain, vocabulary, co-activation, repetition.
+
+Legend: E experts, k chosen per token, S_t the experts chosen for token t (slot 0 is
+the top-1). A token is one (checkpoint, step, rank, microbatch, seq, pos) per layer;
+since a token's experts are distinct, counting its rows with expert i counts the
+tokens that have i in S_t, and counting its slot-0 rows counts the tokens.
+"""
+from __future__ import annotations
+
+from math import comb
+
+import pandas as pd
+
+from moescope.analysis.query import Scope, check_options, meta_cte, token_key
+
+
+def _order(scope: Scope, *extra: str) -> str:
+    return ", ".join((["step"] if scope.by == "step" else []) + ["layer", *extra])
+
+
+def domain_specialisation(store, scope: Scope, meta: pd.DataFrame, **options) -> pd.DataFrame:
+    """Domain specialisation(i, D) = N_k(i, D) / N_D (OLMoE, Muennighoff et al. 2024, Eq. 7).
+
+    The share of domain-D tokens that have expert i among their top-k; uniform = k/E.
+    Rows without a domain label are left out. Every expert appears (share 0 if unused).
+    Columns: [step,] layer, domain, expert, tokens (N_D), routed (N_k(i, D)), share, uniform.
+    """
+    check_options("domain_specialisation", options, set())
+    where, params = scope.where()
+    sk = scope.step_key
+    return store.sql(f"""
+        WITH meta AS ({meta_cte(meta, scope)}),
+        r AS (SELECT {sk} layer, domain, expert, slot FROM routing WHERE {where} AND domain IS NOT NULL),
+        nd AS (SELECT {sk} layer, domain, count(*) FILTER (WHERE slot = 0) AS tokens FROM r GROUP BY ALL),
+        ni AS (SELECT {sk} layer, domain, expert, count(*) AS routed FROM r GROUP BY ALL),
+        grid AS (SELECT n.*, unnest(range(m.E)) AS expert, m.k::DOUBLE / m.E AS uniform FROM nd n JOIN meta m USING (layer))
+        SELECT {"g.step, " if sk else ""} g.layer, g.domain, g.expert, g.tokens, coalesce(ni.routed, 0) AS routed,
+               coalesce(ni.routed, 0) / nullif(g.tokens, 0) AS share, g.uniform
+        FROM grid g LEFT JOIN ni ON ni.layer = g.layer AND ni.domain = g.domain AND ni.expert = g.expert
+             {"AND ni.step = g.step" if sk else ""}
+        ORDER BY {_order(scope, 'domain', 'expert')}""", params, run=scope.run)
+
+
+def vocab_specialisation(store, scope: Scope, meta: pd.DataFrame, *, next_token: bool = False, min_count: int = 10,
+                         **options) -> pd.DataFrame:
+    """Vocabulary specialisation(i, x) = N(x routed to i) / N_x (OLMoE, Muennighoff et al. 2024, Eq. 8).
+
+    By input token id, or with next_token=True by the id of the following token in the
+    same sequence. Ids seen fewer than min_count times (default 10) and unknown ids (-1)
+    are left out. Columns: [step,] layer, token_id (or next_token_id), expert, tokens
+    (N_x), routed, share.
+    """
+    check_options("vocab_specialisation", options, set())
+    if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
+        raise ValueError(f"min_count must be a positive int, got {min_count!r}")
+    where, params = scope.where()
+    sk = scope.step_key
+    if next_token:
+        # Next id within the same sequence, only where the next position was recorded.
+        source = f"""
+        r0 AS (SELECT {token_key()}, layer, slot, expert, token_id FROM routing WHERE {where}),
+        tok AS (SELECT DISTINCT {token_key()}, token_id FROM r0),
+        nxt AS (SELECT {token_key()}, lead(token_id) OVER w AS next_id, lead(pos) OVER w AS next_pos FROM tok
+                WINDOW w AS (PARTITION BY checkpoint, step, rank, microbatch, seq ORDER BY pos)),
+        r AS (SELECT {sk} layer, next_id AS x, slot, expert FROM r0 JOIN nxt USING ({token_key()})
+              WHERE next_pos = pos + 1 AND next_id >= 0)"""
+        col = "next_token_id"
+    else:
+        source = f"r AS (SELECT {sk} layer, token_id AS x, slot, expert FROM routing WHERE {where} AND token_id >= 0)"
+        col = "token_id"
+    return store.sql(f"""
+        WITH {source},
+        nx AS (SELECT {sk} layer, x, count(*) FILTER (WHERE slot = 0) AS tokens FROM r GROUP BY ALL HAVING tokens >= ?)
+        SELECT {sk} layer, x AS {col}, expert, any_value(nx.tokens) AS tokens, count(*) AS routed,
+               count(*) / any_value(nx.tokens) AS share
+        FROM r JOIN nx USING ({sk} layer, x) GROUP BY ALL ORDER BY {_order(scope, col, 'expert')}""",
+                     params + [min_count], run=scope.run)
+
+
+def coactivation(store, scope: Scope, meta: pd.DataFrame, **options) -> pd.DataFrame:
+    """Co-activation(i, j) = N(i and j both in S_t) / N(i in S_t) (OLMoE, Muennighoff et al. 2024, Eq. 6).
+
+    Asymmetric: normalised by expert i's tokens. Only pairs seen together are listed.
+    Columns: [step,] layer, expert_i, expert_j, both, tokens_i, coactivation.
+    """
+    check_options("coactivation", options, set())
+    where, params = scope.where()
+    sk = scope.step_key
+    return store.sql(f"""
+        WITH tok AS (SELECT {sk} layer, list(expert) AS ex FROM routing WHERE {where}
+                     GROUP BY {token_key()}, layer),
+        pairs AS (SELECT {sk} layer, i, unnest(ex) AS j FROM (SELECT {sk} layer, unnest(ex) AS i, ex FROM tok)),
+        c AS (SELECT {sk} layer, i, j, count(*) AS n FROM pairs GROUP BY ALL)
+        SELECT {"a.step, " if sk else ""} a.layer, a.i AS expert_i, a.j AS expert_j, a.n AS both, d.n AS tokens_i,
+               a.n / d.n AS coactivation
+        FROM c a JOIN c d ON d.layer = a.layer AND d.i = a.i AND d.j = a.i {"AND d.step = a.step" if sk else ""}
+        WHERE a.i <> a.j ORDER BY {_order(scope, 'expert_i', 'expert_j')}""", params, run=scope.run)
+
+
+def repetition_baselines(num_experts: int, top_k: int) -> tuple[float, float]:
+    """Random-routing chance that adjacent tokens share the top-1 (1/E) or any top-k expert (1 − C(E−k,k)/C(E,k))."""
+    return 1.0 / num_experts, 1.0 - comb(num_experts - top_k, top_k) / comb(num_experts, top_k)
+
+
+def repetition(store, scope: Scope, meta: pd.DataFrame, **options) -> pd.DataFrame:
+    """Consecutive-token repetition (Mixtral, Jiang et al. 2024, §5), with its random baselines.
+
+    Over adjacent positions (pos, pos + 1) of the same sequence: the share whose top-1
+    experts agree and the share whose top-k sets overlap, beside the random baselines
+    1/E and 1 − C(E−k, k)/C(E, k) (8 experts top-2: 12.5% and 46.4%).
+    Columns: [step,] layer, pairs, top1_repeat, topk_overlap, top1_baseline, topk_baseline.
+    """
+    check_options("repetition", options, set())
+    where, params = scope.where()
+    sk = scope.step_key
+    df = store.sql(f"""
+        WITH tok AS (SELECT {token_key()}, layer, list(expert ORDER BY slot) AS ex FROM routing WHERE {where}
+                     GROUP BY {token_key()}, layer),
+        adj AS (SELECT step, layer, pos, ex, lag(ex) OVER w AS prev, lag(pos) OVER w AS prev_pos FROM tok
+                WINDOW w AS (PARTITION BY checkpoint, step, rank, microbatch, seq, layer ORDER BY pos))
+        SELECT {sk} layer, count(*) AS pairs, avg((ex[1] = prev[1])::INT) AS top1_repeat,
+               avg((len(list_intersect(ex, prev)) > 0)::INT) AS topk_overlap
+        FROM adj WHERE prev_pos = pos - 1 GROUP BY ALL ORDER BY {_order(scope)}""", params, run=scope.run)
+    sizes = {int(r.layer): (int(r.E), int(r.k)) for r in meta.itertuples()}
+    base = [repetition_baselines(*sizes[int(x)]) if int(x) in sizes else (float("nan"),) * 2 for x in df["layer"]]
+    df["top1_baseline"] = [b[0] for b in base]
+    df["topk_baseline"] = [b[1] for b in base]
+    return df
