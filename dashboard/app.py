@@ -1,0 +1,58 @@
+"""The FastAPI app: JSON API, health and Prometheus endpoints, and the Dash page mounted at /dash/."""
+from __future__ import annotations
+
+import warnings
+
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse, RedirectResponse
+
+from moescope.collector.store import Store
+from moescope.dashboard import prometheus
+from moescope.dashboard.api import alerts, metrics, runs
+from moescope.dashboard.dash_app import create_dash
+from moescope.dashboard.deps import StoreDep
+from moescope.settings import Settings, get_settings
+
+with warnings.catch_warnings():
+    # Starlette marks its WSGI bridge deprecated in favour of a2wsgi; it still works, and
+    # Dash's Flask server needs some bridge. Swap in a2wsgi.WSGIMiddleware once it is a dependency.
+    warnings.simplefilter("ignore")
+    from fastapi.middleware.wsgi import WSGIMiddleware
+
+DASH_PREFIX = "/dash/"
+
+
+def create_app(store: Store, settings: Settings | None = None, *, refresh_ms: int = 5000) -> FastAPI:
+    """The whole service for one store: /api/..., /healthz, /metrics, and the dashboard at /dash/."""
+    app = FastAPI(title="moescope", summary="Mixture-of-Experts router observability: runs, routing metrics, alerts.",
+                  version="0.1.0")
+    app.state.store = store
+    app.state.settings = settings if settings is not None else get_settings()
+    for module in (runs, metrics, alerts):
+        app.include_router(module.router)
+
+    @app.get("/", include_in_schema=False)
+    def redirect_to_dashboard() -> RedirectResponse:
+        return RedirectResponse(DASH_PREFIX, status_code=307)
+
+    @app.get("/healthz", tags=["service"])
+    def get_health(store: StoreDep) -> dict:
+        """Liveness and store reachability: the number of recorded runs."""
+        return {"status": "ok", "store": str(store.root), "runs": len(store.runs())}
+
+    @app.get("/metrics", tags=["service"], response_class=PlainTextResponse)
+    def get_prometheus_metrics(store: StoreDep) -> PlainTextResponse:
+        """Prometheus text exposition: frames and routing rows per run, alerts firing now."""
+        return PlainTextResponse(prometheus.exposition(store), media_type=prometheus.CONTENT_TYPE)
+
+    dash_app = create_dash(store, requests_prefix=DASH_PREFIX, refresh_ms=refresh_ms)
+    app.state.dash = dash_app
+    app.mount(DASH_PREFIX.rstrip("/"), WSGIMiddleware(dash_app.server))
+    return app
+
+
+def serve(store: Store, host: str = "127.0.0.1", port: int = 8050, *, settings: Settings | None = None) -> None:
+    """Run the API and dashboard with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(store, settings), host=host, port=port, log_level="info")
