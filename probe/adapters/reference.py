@@ -60,10 +60,14 @@ class ReferenceAdapter:
         probs_TE = r.probs_TE.reshape(-1, site.num_experts)
         tokens = probs_TE.shape[0]
         dropped_TK = getattr(r, "dropped_TK", None)
+        weights_TK = r.weights_TK.reshape(tokens, -1)
+        if dropped_TK is not None:
+            # Routing keeps the weight a dropped slot would have had; the record holds the weight applied (0).
+            weights_TK = weights_TK.masked_fill(dropped_TK.reshape(tokens, -1), 0.0)
         return RouterCapture(
             probs_TE=probs_TE,
             expert_ids_TK=r.expert_ids_TK.reshape(tokens, -1),
-            weights_TK=r.weights_TK.reshape(tokens, -1),
+            weights_TK=weights_TK,
             logits_TE=None if r.logits_TE is None else r.logits_TE.reshape(tokens, site.num_experts),
             dropped_TK=None if dropped_TK is None else dropped_TK.reshape(tokens, -1),
         )
