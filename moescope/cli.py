@@ -31,6 +31,13 @@ def cmd_demo(args) -> int:
 
     if args.steps < 1:
         raise CliError(f"--steps must be at least 1, got {args.steps}")
+    if args.backend == "triton":
+        import torch
+
+        if not torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):
+            # Must be set before any Triton kernel is defined; the interpreter is slow, so say so.
+            os.environ["TRITON_INTERPRET"] = "1"
+            print("no GPU: running the Triton kernels on the CPU interpreter (slow; try --steps 5)", file=sys.stderr)
     store = _store(args)
     summary = run_demo(store, steps=args.steps, run=args.run, seed=args.seed, checkpoints=args.checkpoints,
                        backend=args.backend, progress=not args.quiet)

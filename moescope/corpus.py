@@ -82,7 +82,7 @@ def _code(rng: random.Random, seq_len: int, count: int) -> list[bytes]:
         path = rng.choice(files)
         data = cache.setdefault(path, path.read_bytes())
         start = rng.randrange(0, len(data) - seq_len)
-        start = data.find(b"\n", start) + 1  # begin on a line, as code is read
+        start = min(data.find(b"\n", start) + 1, len(data) - seq_len)  # begin on a line, as code is read
         out.append(data[start:start + seq_len])
     return out
 
@@ -97,7 +97,7 @@ def _prose(rng: random.Random, seq_len: int, count: int) -> list[bytes]:
     out = []
     for _ in range(count):
         start = rng.randrange(0, len(data) - 2 * seq_len)
-        start = data.find(b" ", start) + 1  # begin on a word
+        start = min(data.find(b" ", start) + 1, len(data) - seq_len)  # begin on a word
         out.append(data[start:start + seq_len])
     return out
 

@@ -233,3 +233,19 @@ def test_route_rejects_mismatched_inputs():
         route(x_TD, params, MoEConfig(num_experts=4))
     with pytest.raises(ValueError, match="valid_T"):
         route(x_TD, params, cfg, valid_T=torch.ones(3, dtype=torch.bool))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_route_makes_no_host_sync_on_cuda(name):
+    cfg = CASES[name]
+    x_TD, params = make(cfg, T=64)
+    gpu = RouterParams(router_weight_ED=params.router_weight_ED.cuda(), router_bias_E=params.router_bias_E.cuda())
+    valid_T = torch.ones(64, dtype=torch.bool, device="cuda")
+    route(x_TD.cuda(), gpu, cfg, valid_T=valid_T)  # warm-up: lazy CUDA initialisation may sync
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        r = route(x_TD.cuda(), gpu, cfg, valid_T=valid_T)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert r.expert_ids_TK.cpu().tolist() == route(x_TD, params, cfg).expert_ids_TK.tolist()
