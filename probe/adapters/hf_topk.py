@@ -8,6 +8,15 @@ unchanged. Hooking the router therefore reads the exact decision, whatever rule 
 (softmax-top-k, top-k-softmax, DeepSeek's group-limited sigmoid with correction bias and
 routed scaling, PhiMoE's sparsemixer, ...): we never re-derive, we copy. Only the full
 distribution probs_TE is computed here, with the family's scoring function.
+
+Scoring "probs" (Gemma4): the router's first output already is the softmax distribution,
+so it is recorded as probs_TE and logits_TE stays None.
+
+Zero-computation experts (LongcatFlash): the router scores E = n_routed + zero_expert_num
+columns and a token may pick an id >= n_routed, which the experts module passes through
+as identity (the token's hidden state times its gate). Those slots are recorded with
+their own id, not dropped (they were applied): the site's num_experts counts all E
+columns, so ids n_routed..E-1 are the zero-computation experts.
 """
 from __future__ import annotations
 
@@ -45,7 +54,8 @@ ROUTERS: dict[str, tuple[str, str]] = {
     "DeepseekV2TopkRouter": ("softmax", "softmax-group-topk"),
     "Mistral4TopkRouter": ("softmax", "softmax-group-topk"),
     "MistralLarge4TextTopkRouter": ("softmax", "softmax-group-topk"),
-    "LongcatFlashTopkRouter": ("softmax", SOFTMAX_TOPK),
+    "LongcatFlashTopkRouter": ("softmax", "softmax-topk-zero-experts"),
+    "Gemma4TextRouter": ("probs", SOFTMAX_TOPK),
     "GptOssTopKRouter": ("softmax", TOPK_SOFTMAX),
     "GraniteMoeTopKRouter": ("softmax", TOPK_SOFTMAX),
     "GraniteMoeSharedTopKRouter": ("softmax", TOPK_SOFTMAX),
@@ -75,7 +85,14 @@ ROUTERS: dict[str, tuple[str, str]] = {
 }
 
 
+# Routers whose logits are wider than their `num_experts` attribute says.
+_WIDTH_ATTR = {"LongcatFlashTopkRouter": "n_routed_experts"}
+
+
 def _num_experts(router: nn.Module) -> int:
+    width = _WIDTH_ATTR.get(type(router).__name__)
+    if width is not None:
+        return int(getattr(router, width))
     for name in ("num_experts", "n_routed_experts", "num_local_experts"):
         value = getattr(router, name, None)
         if isinstance(value, int):
@@ -92,7 +109,8 @@ def _top_k(router: nn.Module) -> int:
         value = getattr(router, name, None)
         if isinstance(value, int):
             return value
-    return int(router.config.num_experts_per_tok)
+    config = router.config
+    return int(getattr(config, "num_experts_per_tok", None) or config.top_k_experts)
 
 
 def _scoring(router: nn.Module, scoring: str) -> str:
@@ -137,13 +155,15 @@ class HFTopKRouterAdapter:
 
     def capture(self, site: RouterSite, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> RouterCapture | None:
         logits, weights, ids = output[0], output[1], output[2]
-        logits_TE = logits.detach().reshape(-1, site.num_experts)
-        tokens = logits_TE.shape[0]
+        first_TE = logits.detach().reshape(-1, site.num_experts)
+        tokens = first_TE.shape[0]
         ids_TK, weights_TK = sort_slots(ids.detach().reshape(tokens, -1), weights.detach().reshape(tokens, -1).float())
         scoring = self._scoring.get(site.module_path, self.routers[type(module).__name__][0])
+        if scoring == "probs":
+            return RouterCapture(probs_TE=first_TE.float(), expert_ids_TK=ids_TK, weights_TK=weights_TK)
         return RouterCapture(
-            probs_TE=full_distribution(logits_TE, scoring),
+            probs_TE=full_distribution(first_TE, scoring),
             expert_ids_TK=ids_TK,
             weights_TK=weights_TK,
-            logits_TE=logits_TE,
+            logits_TE=first_TE,
         )
