@@ -133,12 +133,20 @@ class RedisSink:
                 self._lock.wait(0.05 if left is None else min(left, 0.05))
         return True
 
+    def backlog(self) -> tuple[int, int]:
+        """(frames queued in memory, frames spooled and not yet acknowledged by the store)."""
+        with self._lock:
+            return self._queue.qsize(), len(self._pending)
+
     def close(self) -> None:
         """Send what is left (plus a trailer reporting late drops), wait up to close_timeout_s for acks."""
         if self._closed:
             return
         self._closing = True
-        with self._lock:
+        deadline = time.monotonic() + self.close_timeout_s
+        with self._lock:  # let the sender decide the fate (spooled or dropped) of every queued frame
+            while self._queued_bytes and time.monotonic() < deadline:
+                self._lock.wait(0.05)
             trailers = [(p, self._last[p], seqs) for p, seqs in self._dropped.items() if seqs and p in self._last]
             self._dropped = {}
         for producer, (run, seq, final), seqs in trailers:
@@ -148,7 +156,7 @@ class RedisSink:
                 self._last[producer] = (run, seq + 1, final)
             if not self._spool_frame(trailer, encode(trailer), force=True):
                 log.error("moescope: could not report dropped frames %s of producer %s", seqs, producer)
-        self.wait_acked(self.close_timeout_s)
+        self.wait_acked(max(0.0, deadline - time.monotonic()))
         self._closed = True
         self._thread.join(timeout=5)
         with self._lock:
@@ -160,10 +168,11 @@ class RedisSink:
 
     # ------------------------------------------------------------ internals
     def _spool(self, producer: str) -> Spool:
-        spool = self._spools.get(producer)
-        if spool is None:
-            spool = self._spools[producer] = Spool(self.spool_root / _SAFE.sub("_", producer), self.spill_budget_bytes)
-        return spool
+        with self._lock:  # send() and the sender thread may both ask first
+            spool = self._spools.get(producer)
+            if spool is None:
+                spool = self._spools[producer] = Spool(self.spool_root / _SAFE.sub("_", producer), self.spill_budget_bytes)
+            return spool
 
     def _spool_frame(self, frame: Frame, data: bytes, *, force: bool = False) -> bool:
         spool = self._spool(frame.producer)
@@ -208,7 +217,7 @@ class RedisSink:
         self._wake.wait(max(seconds, 0.02))  # new work wakes the sender early
         self._wake.clear()
 
-    def _drain_queue(self) -> list[tuple[Frame, bytes]] | None:
+    def _drain_queue(self) -> list[tuple[str, int, bytes]] | None:
         """Move queued frames into the spool; returns those still held in memory for a first send."""
         fresh = []
         while True:

@@ -1,0 +1,104 @@
+"""The ingest service: consumer threads of the frame stream inside a Celery worker process.
+
+A long-lived reader fits a stream better than one task per frame: frames are large
+(100k-1M rows), so per-message work dominates and Celery's own queue would only add a
+second copy of every frame. The Celery worker still owns the process (start, stop,
+signals, beat tasks); `IngestStep` starts the threads when the worker starts and stops
+them on shutdown. Decoding and Parquet writing release the GIL, so threads in one
+process use several cores.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+import redis
+from celery import bootsteps
+
+from moescope.collector.store import Store, StoreError
+from moescope.collector.stream import TRANSIENT, StreamIngestor, consumer_name, wait_for_redis
+from moescope.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class IngestService:
+    def __init__(self, settings: Settings, threads: int = 2, *, claim_idle_ms: int = 30_000):
+        if threads < 1:
+            raise ValueError(f"ingest threads must be >= 1, got {threads}")
+        self.settings, self.threads, self.claim_idle_ms = settings, threads, claim_idle_ms
+        self.stop_event = threading.Event()
+        self.ingestors: list[StreamIngestor] = []
+        self._threads: list[threading.Thread] = []
+        self.store: Store | None = None
+
+    def start(self) -> None:
+        for i in range(self.threads):
+            t = threading.Thread(target=self._run, args=(i,), name=f"moescope-ingest-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _open_store(self) -> Store | None:
+        # The metadata DB may still be starting (compose, restarts): retry rather than die.
+        while not self.stop_event.is_set():
+            try:
+                return Store(self.settings.store, self.settings.database_url)
+            except StoreError as exc:
+                log.warning("ingest: store not ready (%s); retrying", exc)
+                self.stop_event.wait(2.0)
+        return None
+
+    def _run(self, index: int) -> None:
+        store = self._open_store()
+        if store is None:
+            return
+        client = redis.Redis.from_url(self.settings.broker_url, socket_timeout=30, socket_connect_timeout=5,
+                                      health_check_interval=10)
+        ingestor = StreamIngestor(store, client, self.settings.stream, self.settings.dead_letter_stream,
+                                  consumer_name(index), claim_idle_ms=self.claim_idle_ms)
+        self.ingestors.append(ingestor)
+        while not self.stop_event.is_set():
+            if not wait_for_redis(client, self.stop_event):
+                break
+            try:
+                ingestor.run(self.stop_event)
+            except TRANSIENT as exc:
+                log.warning("ingest: %s; reconnecting", exc)
+                self.stop_event.wait(1.0)
+            except Exception:  # noqa: BLE001 - keep consuming; the message stays pending for a retry
+                log.exception("ingest: unexpected error; restarting the consumer loop")
+                self.stop_event.wait(1.0)
+        client.close()
+        store.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stop_event.set()
+        for t in self._threads:
+            t.join(timeout)
+
+
+class IngestStep(bootsteps.StartStopStep):
+    """Worker bootstep: runs the ingest service for the life of the worker process."""
+
+    requires = {"celery.worker.components:Pool"}
+
+    def __init__(self, worker, ingest_threads: int | None = None, **kwargs):
+        super().__init__(worker, **kwargs)
+        self.threads = int(ingest_threads) if ingest_threads else 2
+        self.service: IngestService | None = None
+
+    def start(self, worker) -> None:
+        from moescope.collector.celery_app import current_settings
+
+        settings = current_settings()
+        claim_ms = int(float(worker.app.conf.get("moescope_claim_idle_s", 30.0)) * 1000)
+        self.service = IngestService(settings, self.threads, claim_idle_ms=claim_ms)
+        self.service.start()
+        log.info("ingest: %d consumer thread(s) on stream %r", self.threads, settings.stream)
+
+    def stop(self, worker) -> None:
+        if self.service is not None:
+            self.service.stop()
+
+    def shutdown(self, worker) -> None:
+        self.stop(worker)

@@ -1,0 +1,62 @@
+"""Scheduled maintenance tasks. Small and idempotent; they take no objects, only ids.
+
+Frames do not travel as tasks (see collector/ingest.py); these run from the beat schedule.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+
+from moescope.collector.celery_app import app, current_settings
+from moescope.collector.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def _store() -> Store:
+    settings = current_settings()
+    return Store(settings.store, settings.database_url)
+
+
+@app.task(name="moescope.compact", ignore_result=True)
+def compact(run: str | None = None) -> int:
+    """Merge small segments (of one run, or all); returns the number of files retired."""
+    store = _store()
+    try:
+        return store.compact(run)
+    finally:
+        store.close()
+
+
+@app.task(name="moescope.retention", ignore_result=True)
+def retention() -> dict:
+    """Delete retired segment files past their grace period, and runs past settings.retention_days."""
+    settings, store = current_settings(), _store()
+    try:
+        out = {"swept": store.sweep(), "runs_deleted": 0}
+        if settings.retention_days is not None:
+            delete_runs = getattr(store, "delete_runs_before", None)
+            if delete_runs is None:
+                log.error("retention_days is set but this store cannot delete runs (no Store.delete_runs_before)")
+            else:
+                out["runs_deleted"] = delete_runs(time.time() - settings.retention_days * 86400)
+        return out
+    finally:
+        store.close()
+
+
+@app.task(name="moescope.evaluate_alerts", ignore_result=True)
+def evaluate_alerts() -> int:
+    """Evaluate the alert rules (moescope.analysis.alerts); returns the number of events written."""
+    try:
+        alerts = importlib.import_module("moescope.analysis.alerts")
+    except ImportError as exc:
+        log.info("alert evaluation skipped: %s", exc)
+        return 0
+    store = _store()
+    try:
+        events = alerts.evaluate_alerts(store)
+        return len(events) if hasattr(events, "__len__") else int(events or 0)
+    finally:
+        store.close()
