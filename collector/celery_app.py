@@ -58,7 +58,7 @@ def configure(settings: Settings) -> Celery:
         beat_schedule=schedule,
         beat_schedule_filename=str(Path(settings.store) / "celerybeat-schedule"),
         # Pending frames of a consumer that died are taken over after this much idle time.
-        moescope_claim_idle_s=float(os.environ.get("MOESCOPE_CLAIM_IDLE_S", "30")),
+        moescope_claim_idle_s=float(settings.claim_idle_s),
     )
     return app
 
@@ -68,7 +68,7 @@ configure(current_settings())
 
 def _export_env(settings: Settings) -> None:
     # Pool children and `celery` re-imports read settings from the environment.
-    for name in ("store", "database_url", "broker_url", "stream", "dead_letter_stream"):
+    for name in ("store", "database_url", "broker_url", "stream", "dead_letter_stream", "claim_idle_s"):
         value = getattr(settings, name)
         if value is not None:
             os.environ[f"MOESCOPE_{name.upper()}"] = str(value)

@@ -26,7 +26,10 @@ from moescope.collector import metadata as md
 from moescope.frame import Frame
 from moescope.schema import TABLES, check_run_id
 
-_PARQUET_KW = {"compression": "zstd", "compression_level": 3}
+# Fresh per-frame segments are written fast (ingest is bound by this write); compaction
+# rewrites them at a higher level once they are cold.
+_INGEST_PARQUET_KW = {"compression": "zstd", "compression_level": 1}
+_COMPACT_PARQUET_KW = {"compression": "zstd", "compression_level": 3}
 # Retired segment files stay on disk this long so queries that listed them still finish.
 RETIRE_GRACE_S = 120.0
 
@@ -235,8 +238,8 @@ class Store:
         for producer, seq, final in stored:
             p = producers.setdefault(producer, {"stored": set(), "dropped": set(), "dead": set(), "sent": None})
             p["stored"].add(seq)
-            if final:
-                p["sent"] = seq + 1
+            if final:  # a close trailer may follow the final frame: the largest one counts
+                p["sent"] = max(p["sent"] or 0, seq + 1)
         for producer, seq in dropped:
             producers.setdefault(producer, {"stored": set(), "dropped": set(), "dead": set(), "sent": None})["dropped"].add(seq)
         for producer, seq in dead:
@@ -285,7 +288,7 @@ class Store:
     def _merge(self, table_name: str, run: str, paths: list[str]) -> int:
         table = pa.concat_tables([pq.read_table(self.root / p) for p in paths], promote_options="default")
         rel = f"segments/{table_name}/run={run}/c-{uuid.uuid4().hex}.parquet"
-        _atomic_write_parquet(table.cast(TABLES[table_name]), self.root / rel)
+        _atomic_write_parquet(table.cast(TABLES[table_name]), self.root / rel, _COMPACT_PARQUET_KW)
         now = time.time()
         with self.engine.begin() as conn:
             res = conn.execute(update(md.segments).where(md.segments.c.path.in_(paths), md.segments.c.retired_at.is_(None))
@@ -354,11 +357,11 @@ def _sql_list(paths: Iterable[str]) -> str:
     return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
 
 
-def _atomic_write_parquet(table: pa.Table, path: Path) -> None:
+def _atomic_write_parquet(table: pa.Table, path: Path, options: dict = _INGEST_PARQUET_KW) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{uuid.uuid4().hex}.tmp")
     with open(tmp, "wb") as fh:
-        pq.write_table(table, fh, **_PARQUET_KW)
+        pq.write_table(table, fh, **options)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

@@ -90,7 +90,11 @@ def cmd_export(args) -> int:
 def cmd_worker(args) -> int:
     from moescope.collector.celery_app import run_worker
 
-    return run_worker(get_settings(store=args.store), concurrency=args.concurrency) or 0
+    settings = get_settings(store=args.store)
+    threads = args.ingest_threads if args.ingest_threads is not None else settings.ingest_threads
+    if threads < 1:
+        raise CliError(f"--ingest-threads must be at least 1, got {threads}")
+    return run_worker(settings, concurrency=args.concurrency, ingest_threads=threads) or 0
 
 
 def cmd_beat(args) -> int:
@@ -164,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
 
     worker = sub.add_parser("worker", parents=[common], help="Celery ingest worker")
-    worker.add_argument("--concurrency", type=int, default=1)
+    worker.add_argument("--concurrency", type=int, default=1, help="Celery task concurrency (scheduled tasks)")
+    worker.add_argument("--ingest-threads", type=int, default=None, help="stream consumer threads (default 2)")
     worker.set_defaults(func=cmd_worker)
     sub.add_parser("beat", parents=[common], help="Celery scheduler (compaction, retention, alerts)").set_defaults(func=cmd_beat)
 

@@ -98,15 +98,17 @@ def decode(data: bytes, *, validate: bool = True) -> Frame:
             raise FrameError(f"bad table entry {entry!r} in frame {header['frame_id']}")
         try:
             table = pa.ipc.open_stream(pa.py_buffer(data[offset : offset + length])).read_all()
-        except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
-            raise FrameError(f"table {name!r} is not readable Arrow IPC: {exc}") from None
+            table.validate(full=True)
+        except (pa.ArrowException, OSError, ValueError, MemoryError) as exc:
+            # Corrupt bytes surface as many Arrow errors (invalid, not implemented, huge malloc).
+            raise FrameError(f"table {name!r} is not readable Arrow IPC: {str(exc)[:200]}") from None
         if table.num_rows != entry.get("rows"):
             raise FrameError(f"table {name!r} has {table.num_rows} rows, header says {entry.get('rows')}")
         if validate:
             try:
                 table = conform(name, table)
-            except SchemaError as exc:
-                raise FrameError(str(exc)) from None
+            except (SchemaError, pa.ArrowException, ValueError) as exc:
+                raise FrameError(str(exc)[:300]) from None
             _check_rows(name, table, header["run"])
         tables[name] = table
         offset += length

@@ -91,14 +91,13 @@ def conform(name: str, table: pa.Table) -> pa.Table:
     extra = [c for c in table.column_names if c not in schema.names]
     if extra:
         raise SchemaError(f"table {name!r} has unknown column(s) {extra}")
-    try:
-        table = table.select(schema.names).cast(schema)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
-        raise SchemaError(f"table {name!r} does not match schema v{SCHEMA_VERSION}: {exc}") from None
     for field in schema:
         if not field.nullable and table.column(field.name).null_count:
             raise SchemaError(f"table {name!r} column {field.name!r} has nulls")
-    return table
+    try:
+        return table.select(schema.names).cast(schema)
+    except (pa.ArrowException, ValueError) as exc:
+        raise SchemaError(f"table {name!r} does not match schema v{SCHEMA_VERSION}: {exc}") from None
 
 
 class SchemaError(ValueError):

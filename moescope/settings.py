@@ -18,6 +18,8 @@ class Settings(BaseSettings):
     api_token: str | None = Field(None, description="Bearer token required by the API for writes (alerts); reads stay open when unset.")
     host: str = Field("127.0.0.1", description="Address `moescope serve` binds to.")
     port: int = Field(8050, description="Port `moescope serve` binds to.")
+    claim_idle_s: float = Field(30.0, description="A frame a worker took but has not acknowledged for this long is taken over by another worker.")
+    ingest_threads: int = Field(2, description="Stream consumer threads per `moescope worker` process.")
     compact_interval_s: float = Field(60.0, description="How often beat schedules segment compaction.")
     retention_days: float | None = Field(None, description="Drop runs older than this many days (None keeps everything).")
     alert_interval_s: float = Field(30.0, description="How often beat schedules alert evaluation.")

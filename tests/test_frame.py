@@ -1,0 +1,84 @@
+"""Frame codec: round trip, and every kind of bad bytes is a FrameError naming the problem."""
+import json
+import random
+
+import pyarrow as pa
+import pytest
+
+from moescope.frame import MAGIC, Frame, FrameError, decode, encode
+from moescope.schema import EXPERT_STEP, SchemaError, check_run_id, conform
+
+
+def expert_step(run="r", n=4):
+    return pa.Table.from_pydict({
+        "run": [run] * n, "checkpoint": ["c"] * n, "step": [1] * n, "rank": [0] * n, "layer": [0] * n,
+        "expert": list(range(n)), "num_tokens": [10] * n, "tokens": [5] * n, "dropped": [1] * n, "top1": [2] * n,
+        "prob_sum": [2.5] * n, "weight_sum": [1.5] * n, "phase": ["train"] * n}, schema=EXPERT_STEP)
+
+
+def test_round_trip_keeps_header_tables_and_metadata():
+    f = Frame(run="r", producer="p", seq=7, tables={"expert_step": expert_step()}, dropped_seqs=[3, 4],
+              meta={"checkpoints": [{"checkpoint": "c", "step": 1}]}, final=True)
+    g = decode(encode(f))
+    assert (g.run, g.producer, g.seq, g.frame_id, g.dropped_seqs, g.final) == ("r", "p", 7, f.frame_id, [3, 4], True)
+    assert g.meta == f.meta and g.tables["expert_step"].equals(f.tables["expert_step"])
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda b: b"XXXX" + b[4:], "bad magic"),
+    (lambda b: b[:20], "truncated"),
+    (lambda b: b + b"junk", "trailing bytes"),
+])
+def test_corrupt_bytes_are_frame_errors(mutate, message):
+    data = encode(Frame(run="r", producer="p", seq=0, tables={"expert_step": expert_step()}))
+    with pytest.raises(FrameError, match=message):
+        decode(mutate(data))
+
+
+def _with_header(data: bytes, **changes) -> bytes:
+    hlen = int.from_bytes(data[4:8], "little")
+    header = json.loads(data[8:8 + hlen])
+    header.update(changes)
+    new = json.dumps(header).encode()
+    return MAGIC + len(new).to_bytes(4, "little") + new + data[8 + hlen:]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"schema_version": 99}, "unsupported schema_version"),
+    ({"seq": -1}, "negative sequence"),
+    ({"run": ""}, "empty run"),
+    ({"producer": 5}, "producer"),
+    ({"run": "other"}, "run other than"),
+])
+def test_bad_headers_are_refused_with_the_reason(changes, message):
+    data = encode(Frame(run="r", producer="p", seq=0, tables={"expert_step": expert_step()}))
+    with pytest.raises(FrameError, match=message):
+        decode(_with_header(data, **changes))
+
+
+def test_random_bit_flips_never_escape_as_anything_but_frame_errors():
+    data = bytearray(encode(Frame(run="r", producer="p", seq=0, tables={"expert_step": expert_step(n=64)})))
+    rng = random.Random(1234)
+    for _ in range(300):
+        broken = bytearray(data)
+        for _ in range(rng.randint(1, 8)):
+            broken[rng.randrange(len(broken))] ^= 1 << rng.randrange(8)
+        try:
+            decode(bytes(broken))
+        except FrameError:
+            pass
+
+
+def test_conform_names_missing_columns_and_nulls():
+    with pytest.raises(SchemaError, match="missing column"):
+        conform("expert_step", expert_step().drop_columns(["tokens"]))
+    nulls = expert_step().set_column(5, "expert", pa.array([None, 1, 2, 3], pa.int16()))
+    with pytest.raises(SchemaError, match="nulls"):
+        conform("expert_step", nulls)
+
+
+def test_run_ids_are_kept_to_a_safe_alphabet():
+    assert check_run_id("run-1.a:b+c_d") == "run-1.a:b+c_d"
+    for bad in ("", "../x", "a/b", "a b", "-x"):
+        with pytest.raises(SchemaError, match="invalid run id"):
+            check_run_id(bad)
