@@ -14,7 +14,8 @@ from moescope.analysis.query import Scope, check_options
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
-def _distribution(store, scope: Scope, value_sql: str, histogram: int | None, not_null: str | None = None) -> pd.DataFrame:
+def _distribution(store, scope: Scope, value_sql: str, histogram: int | None, not_null: str | None = None,
+                  quantiles: bool = True) -> pd.DataFrame:
     where, params = scope.where()
     if not_null:
         where += f" AND {not_null} IS NOT NULL AND isfinite({not_null})"
@@ -31,6 +32,12 @@ def _distribution(store, scope: Scope, value_sql: str, histogram: int | None, no
                    any_value(lo + w * (least(floor((x - lo) / w * {histogram}), {histogram - 1}) + 1) / {histogram}) AS hi,
                    count(*) AS tokens
             FROM v, span GROUP BY ALL ORDER BY {order}, bin""", params, run=scope.run)
+    if not isinstance(quantiles, bool):
+        raise ValueError(f"quantiles must be True or False, got {quantiles!r}")
+    if not quantiles:  # the mean alone needs no sort: what a time-series chart plots
+        return store.sql(f"""
+            SELECT {sk} layer, count(*) AS tokens, avg(({value_sql})::DOUBLE) AS mean
+            FROM token_stats WHERE {where} GROUP BY ALL ORDER BY {order}""", params, run=scope.run)
     qs = ", ".join(str(q) for q in QUANTILES)
     df = store.sql(f"""
         SELECT {sk} layer, count(*) AS tokens, avg(x) AS mean, quantile_cont(x, [{qs}]) AS q
@@ -41,35 +48,39 @@ def _distribution(store, scope: Scope, value_sql: str, histogram: int | None, no
     return df.drop(columns="q")
 
 
-def entropy(store, scope: Scope, meta: pd.DataFrame, histogram: int | None = None, **options) -> pd.DataFrame:
+def entropy(store, scope: Scope, meta: pd.DataFrame, histogram: int | None = None, quantiles: bool = True,
+            **options) -> pd.DataFrame:
     """Per-token routing entropy H(p_t) = −Σ_i p_t,i ln p_t,i in nats (METRICS.md §8).
 
     ln E at uniform routing (column `uniform`); a collapsing router shows a falling mean.
-    Columns: [step,] layer, tokens, mean, p05, p25, p50, p75, p95, uniform.
+    Columns: [step,] layer, tokens, mean, p05, p25, p50, p75, p95, uniform (quantiles=False: the
+    mean only, no sort; what a time-series chart needs).
     """
     check_options("entropy", options, set())
-    df = _distribution(store, scope, "entropy", histogram)
+    df = _distribution(store, scope, "entropy", histogram, quantiles=quantiles)
     if histogram is None:
         sizes = dict(zip(meta.layer, meta.E))
         df["uniform"] = [math.log(sizes[int(x)]) if int(x) in sizes else float("nan") for x in df["layer"]]
     return df
 
 
-def z(store, scope: Scope, meta: pd.DataFrame, histogram: int | None = None, **options) -> pd.DataFrame:
+def z(store, scope: Scope, meta: pd.DataFrame, histogram: int | None = None, quantiles: bool = True,
+      **options) -> pd.DataFrame:
     """Router z = mean_t (logsumexp_i z_t,i)² (ST-MoE, Zoph et al. 2022, Eq. 5: the z-loss).
 
     Tokens whose router gave no logits (logsumexp NULL) are left out.
     Columns: [step,] layer, tokens, mean (the z-loss), p05 … p95 of the per-token square.
     """
     check_options("z", options, set())
-    return _distribution(store, scope, "logsumexp * logsumexp", histogram, not_null="logsumexp")
+    return _distribution(store, scope, "logsumexp * logsumexp", histogram, not_null="logsumexp", quantiles=quantiles)
 
 
-def margin(store, scope: Scope, meta: pd.DataFrame, histogram: int | None = None, **options) -> pd.DataFrame:
+def margin(store, scope: Scope, meta: pd.DataFrame, histogram: int | None = None, quantiles: bool = True,
+           **options) -> pd.DataFrame:
     """Top-1/top-2 margin p_t,(1) − p_t,(2) (METRICS.md §10): small margins mean an undecided router.
 
     Columns: [step,] layer, tokens, mean, p05, p25, p50, p75, p95.
     """
     check_options("margin", options, set())
-    return _distribution(store, scope, "margin", histogram)
+    return _distribution(store, scope, "margin", histogram, quantiles=quantiles)
 

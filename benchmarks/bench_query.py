@@ -110,7 +110,7 @@ def main() -> None:
          "routing", "SELECT step, layer, expert, count(*) FROM T GROUP BY ALL"),
         ("maxvio over steps", lambda: compute_metric(store, "maxvio", RUN),
          "routing", "SELECT step, layer, expert, count(*) FROM T GROUP BY ALL"),
-        ("entropy over steps", lambda: compute_metric(store, "entropy", RUN),
+        ("entropy over steps", lambda: compute_metric(store, "entropy", RUN, quantiles=False),
          "token_stats", "SELECT step, layer, avg(entropy) FROM T GROUP BY ALL"),
         ("domain specialisation", lambda: compute_metric(store, "domain_specialisation", RUN),
          "routing", "SELECT layer, domain, expert, count(*) FROM T GROUP BY ALL"),

@@ -170,7 +170,7 @@ def _register_callbacks(app: dash.Dash, store: Store) -> None:
             return empty, empty, None
         try:
             maxvio = compute_metric(store, "maxvio", run=run, by="step")
-            entropy = compute_metric(store, "entropy", run=run, by="step")
+            entropy = compute_metric(store, "entropy", run=run, by="step", quantiles=False)
             events = alerts_list(store, run)
         except (StoreError, ValueError) as exc:
             log.warning("dashboard charts for run %r: %s", run, exc)

@@ -40,3 +40,13 @@ def test_entropy_histogram_counts_every_token(synth):
     store, _ = synth
     h = compute_metric(store, "entropy", "synth", layers=[2], by="window", histogram=10)
     assert h.tokens.sum() == 4 * 128 and h.bin.between(0, 9).all() and (h.lo < h.hi).all()
+
+
+def test_mean_only_entropy_equals_the_mean_of_the_full_distribution(synth):
+    store, _ = synth
+    full = compute_metric(store, "entropy", "synth")
+    mean_only = compute_metric(store, "entropy", "synth", quantiles=False)
+    assert "p50" not in mean_only.columns
+    assert np.allclose(full["mean"], mean_only["mean"]) and (full.tokens == mean_only.tokens).all()
+    with pytest.raises(ValueError, match="quantiles must be True or False"):
+        compute_metric(store, "entropy", "synth", quantiles="no")
