@@ -33,9 +33,10 @@ class NoRouterFound(ValueError):
 def _default_adapters() -> list[Adapter]:
     from moescope.probe.adapters.deepspeed import DeepSpeedAdapter
     from moescope.probe.adapters.hf import HF_ADAPTERS
+    from moescope.probe.adapters.megatron import MegatronAdapter  # imports no megatron itself
     from moescope.probe.adapters.torchtitan import TorchTitanAdapter
 
-    return [ReferenceAdapter(), *HF_ADAPTERS, DeepSpeedAdapter(), TorchTitanAdapter()]
+    return [ReferenceAdapter(), *HF_ADAPTERS, DeepSpeedAdapter(), MegatronAdapter(), TorchTitanAdapter()]
 
 
 ADAPTERS: list[Adapter] = _default_adapters()
