@@ -104,7 +104,7 @@ def route(x_TD: Tensor, params, cfg: MoEConfig, *, valid_T: Tensor | None = None
     if cfg.routing == "token_choice":
         expert_ids_TK, weights_TK, dropped_TK = _token_choice(scores_TE, select_TE, real_T, n_real, cfg)
     else:
-        expert_ids_TK, weights_TK = _expert_choice(scores_TE, select_TE, real_T, n_real, cfg)
+        expert_ids_TK, weights_TK = expert_choice(scores_TE, select_TE, real_T, n_real, cfg)
         dropped_TK = torch.zeros_like(expert_ids_TK, dtype=torch.bool)
 
     with torch.no_grad():
@@ -163,7 +163,11 @@ def _token_choice(scores_TE, select_TE, real_T, n_real, cfg):
     return expert_ids_TK, weights_TK, dropped_TK
 
 
-def _expert_choice(scores_TE, select_TE, real_T, n_real, cfg):
+def expert_choice(scores_TE, select_TE, real_T, n_real, cfg):
+    """Each expert keeps its top-C real tokens by selection score; slots sorted by raw score, -1 unused.
+
+    Shared by the torch and Triton routers (the Triton kernel emits the scores).
+    """
     T, E = scores_TE.shape
     factor = cfg.capacity_factor if cfg.capacity_factor is not None else 1.0
     c_max = min(T, capacity(T, cfg.top_k, E, factor))  # static shape; the real C (tensor) masks below

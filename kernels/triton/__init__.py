@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from moescope.kernels.config import MoEConfig
-from moescope.kernels.routing import Routing, capacity, check_inputs
+from moescope.kernels.routing import Routing, capacity, check_inputs, expert_choice
 
 from .align import build_plan, queue_positions
 from .autograd import experts_function, router_function
@@ -77,7 +77,7 @@ def route_triton(x_TD: Tensor, params, cfg: MoEConfig, *, valid_T: Tensor | None
             dropped_TK = (pos_TK >= capacity(n_real, k, E, cfg.capacity_factor)) & real_T[:, None]
     else:
         scores_TE = torch.sigmoid(logits_TE) if sigmoid else probs_TE
-        expert_ids_TK, weights_TK = _expert_choice(scores_TE, bias_E, real_T, n_real, cfg)
+        expert_ids_TK, weights_TK = expert_choice(scores_TE, scores_TE.detach() + bias_E, real_T, n_real, cfg)
         dropped_TK = torch.zeros_like(expert_ids_TK, dtype=torch.bool)
         live_TK = (expert_ids_TK >= 0) & real_T[:, None]
         safe_TK = expert_ids_TK.clamp(min=0)
@@ -98,24 +98,6 @@ def route_triton(x_TD: Tensor, params, cfg: MoEConfig, *, valid_T: Tensor | None
         dropped_TK=dropped_TK, entropy_T=entropy_T, logsumexp_T=lse_T.detach(), margin_T=margin_T,
         tokens_per_expert_E=tokens_per_expert_E, dropped_per_expert_E=dropped_per_expert_E,
         top1_per_expert_E=top1_per_expert_E, prob_sum_E=prob_sum_E.detach(), aux_loss=aux_loss, z_loss=z_loss)
-
-
-def _expert_choice(scores_TE: Tensor, bias_E: Tensor, real_T: Tensor, n_real: Tensor, cfg: MoEConfig):
-    """Each expert keeps its top-C real tokens by biased score; slots sorted by raw score, -1 unused."""
-    T, E = scores_TE.shape
-    factor = cfg.capacity_factor if cfg.capacity_factor is not None else 1.0
-    c_max = min(T, capacity(T, cfg.top_k, E, factor))
-    cap = capacity(n_real, cfg.top_k, E, factor)
-    select_ET = (scores_TE.detach() + bias_E).T.masked_fill(~real_T[None, :], float("-inf"))
-    tok_EC = select_ET.topk(c_max, dim=-1).indices
-    keep_EC = (torch.arange(c_max, device=scores_TE.device)[None, :] < cap) & real_T[tok_EC]
-    chosen_TE = torch.zeros(E, T, dtype=torch.bool, device=scores_TE.device).scatter_(1, tok_EC, keep_EC).T
-    key_TE = torch.where(chosen_TE, scores_TE.detach(), torch.full_like(scores_TE, -1.0))
-    order_TE = key_TE.sort(dim=-1, descending=True, stable=True).indices
-    used_TE = chosen_TE.gather(1, order_TE)
-    expert_ids_TK = torch.where(used_TE, order_TE, torch.full_like(order_TE, -1))
-    weights_TK = torch.where(used_TE, scores_TE.gather(1, order_TE), torch.zeros_like(scores_TE))
-    return expert_ids_TK, weights_TK
 
 
 def block_m_for(num_assignments: int, num_experts: int) -> int:
