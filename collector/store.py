@@ -9,6 +9,7 @@ file lock.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -313,6 +314,32 @@ class Store:
         if old:
             with self.engine.begin() as conn:
                 conn.execute(delete(md.segments).where(md.segments.c.path.in_(old)))
+        return len(old)
+
+    def delete_run(self, run: str) -> None:
+        """Remove a run: its metadata in one transaction, then its segment and checkpoint files."""
+        self.require_run(run)
+        with self.engine.begin() as conn:
+            paths = [p for (p,) in conn.execute(select(md.segments.c.path).where(md.segments.c.run == run))]
+            for table in (md.segments, md.ingest_ledger, md.dropped_frames, md.dead_letters, md.checkpoints, md.layers,
+                          md.alert_events, md.runs):
+                conn.execute(delete(table).where(table.c.run == run))
+        # Files go after the commit: a reader holding the old list may fail once, never double count.
+        for p in paths:
+            (self.root / p).unlink(missing_ok=True)
+        for folder in [self.root / "segments" / name / f"run={run}" for name in TABLES] + [self.root / "checkpoints" / run]:
+            if folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def delete_runs_before(self, cutoff: float) -> int:
+        """Delete every run whose last write (or creation, if it never wrote) is older than `cutoff` (epoch s)."""
+        with self.engine.connect() as conn:
+            last = dict(conn.execute(select(md.ingest_ledger.c.run, func.max(md.ingest_ledger.c.stored_at))
+                                     .group_by(md.ingest_ledger.c.run)).all())
+            created = conn.execute(select(md.runs.c.run, md.runs.c.created_at)).all()
+        old = [run for run, created_at in created if (last.get(run) or created_at) < cutoff]
+        for run in old:
+            self.delete_run(run)
         return len(old)
 
     def export(self, run: str, out: str | os.PathLike) -> Path:

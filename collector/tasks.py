@@ -36,11 +36,7 @@ def retention() -> dict:
     try:
         out = {"swept": store.sweep(), "runs_deleted": 0}
         if settings.retention_days is not None:
-            delete_runs = getattr(store, "delete_runs_before", None)
-            if delete_runs is None:
-                log.error("retention_days is set but this store cannot delete runs (no Store.delete_runs_before)")
-            else:
-                out["runs_deleted"] = delete_runs(time.time() - settings.retention_days * 86400)
+            out["runs_deleted"] = store.delete_runs_before(time.time() - settings.retention_days * 86400)
         return out
     finally:
         store.close()

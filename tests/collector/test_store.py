@@ -124,3 +124,21 @@ def test_store_on_postgresql_metadata_writes_and_reads_back(tmp_path, postgres_u
         assert store.ledger(run).stored.tolist() == [1]
     finally:
         store.close()
+
+
+def test_retention_deletes_runs_older_than_the_cutoff_and_nothing_else(store):
+    store.write_frame(frame("old", 0, producer="p-old"))
+    store.write_frame(frame("new", 0, producer="p-new"))
+    with store.engine.begin() as conn:
+        from sqlalchemy import update
+
+        from moescope.collector import metadata as md
+
+        conn.execute(update(md.ingest_ledger).where(md.ingest_ledger.c.run == "old").values(stored_at=1000.0))
+        conn.execute(update(md.runs).where(md.runs.c.run == "old").values(created_at=1000.0))
+    assert store.delete_runs_before(cutoff=2000.0) == 1
+    assert store.runs().run.tolist() == ["new"]
+    assert not (store.root / "segments" / "routing" / "run=old").exists()
+    assert store.sql("SELECT count(*) AS n FROM routing").n[0] == 50
+    with pytest.raises(UnknownRun):
+        store.ledger("old")
