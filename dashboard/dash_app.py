@@ -105,6 +105,14 @@ def alerts_list(store: Store, run: str) -> html.Div | html.Table:
     return _table(pd.DataFrame(rows), table_id="alerts-table")
 
 
+def series_phase(store: Store, run: str) -> str | None:
+    """The phase the over-steps charts follow: training when the run trained (replays of
+    checkpoints through a probe set sit at checkpoint steps and would zigzag the
+    series), else every phase (serving, eval-only runs)."""
+    phases = store.sql("SELECT DISTINCT phase FROM expert_step", run=run)["phase"].tolist()
+    return "train" if "train" in phases else None
+
+
 def _register_callbacks(app: dash.Dash, store: Store) -> None:
     @app.callback(
         Output("run-picker", "options"), Output("run-picker", "value"),
@@ -169,8 +177,9 @@ def _register_callbacks(app: dash.Dash, store: Store) -> None:
             empty = figures.empty_figure("pick a run")
             return empty, empty, None
         try:
-            maxvio = compute_metric(store, "maxvio", run=run, by="step")
-            entropy = compute_metric(store, "entropy", run=run, by="step", quantiles=False)
+            phase = series_phase(store, run)
+            maxvio = compute_metric(store, "maxvio", run=run, by="step", phase=phase)
+            entropy = compute_metric(store, "entropy", run=run, by="step", quantiles=False, phase=phase)
             events = alerts_list(store, run)
         except (StoreError, ValueError) as exc:
             log.warning("dashboard charts for run %r: %s", run, exc)
