@@ -31,6 +31,8 @@ from moescope.schema import TABLES, check_run_id
 # rewrites them at a higher level once they are cold.
 _INGEST_PARQUET_KW = {"compression": "zstd", "compression_level": 1}
 _COMPACT_PARQUET_KW = {"compression": "zstd", "compression_level": 3}
+# Compacted files are written in row groups of about this many rows (small frames merged).
+ROW_GROUP_ROWS = 256_000
 # Retired segment files stay on disk this long so queries that listed them still finish.
 RETIRE_GRACE_S = 120.0
 
@@ -287,9 +289,10 @@ class Store:
         return retired
 
     def _merge(self, table_name: str, run: str, paths: list[str]) -> int:
-        table = pa.concat_tables([pq.read_table(self.root / p) for p in paths], promote_options="default")
         rel = f"segments/{table_name}/run={run}/c-{uuid.uuid4().hex}.parquet"
-        _atomic_write_parquet(table.cast(TABLES[table_name]), self.root / rel, _COMPACT_PARQUET_KW)
+        # One input segment in memory at a time: compaction must not grow the worker.
+        rows = _atomic_write_parquet_parts((pq.read_table(self.root / p).cast(TABLES[table_name]) for p in paths),
+                                           TABLES[table_name], self.root / rel, _COMPACT_PARQUET_KW)
         now = time.time()
         with self.engine.begin() as conn:
             res = conn.execute(update(md.segments).where(md.segments.c.path.in_(paths), md.segments.c.retired_at.is_(None))
@@ -298,7 +301,7 @@ class Store:
                 conn.rollback()
                 (self.root / rel).unlink(missing_ok=True)
                 raise _Abort()
-            conn.execute(insert(md.segments).values(path=rel, run=run, table_name=table_name, rows=table.num_rows, created_at=now))
+            conn.execute(insert(md.segments).values(path=rel, run=run, table_name=table_name, rows=rows, created_at=now))
         return len(paths)
 
     def sweep(self, grace_s: float = RETIRE_GRACE_S) -> int:
@@ -382,6 +385,29 @@ class _Abort(Exception):
 def _sql_list(paths: Iterable[str]) -> str:
     # Views cannot take bound parameters, so the file list is inlined as quoted literals.
     return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
+
+
+def _atomic_write_parquet_parts(parts: Iterable[pa.Table], schema: pa.Schema, path: Path, options: dict) -> int:
+    """Stream tables into one Parquet file (a row group each), atomically; returns rows written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{uuid.uuid4().hex}.tmp")
+    strings = [f.name for f in schema if pa.types.is_string(f.type)]
+    rows = 0
+    with open(tmp, "wb") as fh:
+        with pq.ParquetWriter(fh, schema, use_dictionary=strings, **options) as writer:
+            pending: list[pa.Table] = []
+            for part in parts:
+                pending.append(part)
+                rows += part.num_rows
+                if sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
+                    writer.write_table(pa.concat_tables(pending))
+                    pending = []
+            if pending:
+                writer.write_table(pa.concat_tables(pending))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return rows
 
 
 def _atomic_write_parquet(table: pa.Table, path: Path, options: dict = _INGEST_PARQUET_KW) -> None:
