@@ -1,29 +1,20 @@
 """The segment store: exactly-once writes, compaction without double counting, export."""
 import os
+import sys
 import uuid
+from pathlib import Path
 
 import duckdb
-import numpy as np
 import pyarrow as pa
 import pytest
 
 from moescope.collector.store import Store, StoreError, UnknownRun
 from moescope.frame import Frame, decode, encode
-from moescope.schema import EXPERT_STEP, ROUTING
+from moescope.schema import EXPERT_STEP
 
+sys.path.insert(0, str(Path(__file__).parent))
+from ingest_helpers import routing_table  # noqa: E402
 
-
-def routing_table(run, n, seed, step=0):
-    rng = np.random.default_rng(seed)
-    cols = {
-        "run": [run] * n, "checkpoint": ["c0"] * n, "step": np.full(n, step), "rank": np.zeros(n, np.int32),
-        "microbatch": np.zeros(n, np.int32), "seq": rng.integers(0, 4, n, dtype=np.int32),
-        "pos": rng.integers(0, 64, n, dtype=np.int32), "token_id": rng.integers(0, 256, n, dtype=np.int32),
-        "layer": rng.integers(0, 2, n).astype(np.int16), "slot": np.zeros(n, np.int8),
-        "expert": rng.integers(0, 8, n).astype(np.int16), "weight": rng.random(n, dtype=np.float32),
-        "dropped": rng.random(n) < 0.1, "domain": ["code"] * n, "phase": ["train"] * n,
-    }
-    return pa.Table.from_pydict(cols, schema=ROUTING)
 
 
 def frame(run, seq, n=50, producer="p0"):
