@@ -29,6 +29,9 @@ from moescope.schema import SchemaError, check_run_id
 log = logging.getLogger(__name__)
 
 ALERT_METRICS = ("maxvio", "dead_experts", "drop_rate", "entropy", "cv")
+# The per-layer column a rule compares, in each metric's by="window" result.
+_WINDOW_COLUMN = {"maxvio": "maxvio_global", "dead_experts": "dead", "drop_rate": "drop_rate", "entropy": "mean",
+                  "cv": "cv"}
 EXPERT_METRICS = ("maxvio", "dead_experts", "drop_rate")  # the ones defined for a single expert
 COMPARISONS: dict[str, Callable[[float, float], bool]] = {">": operator.gt, ">=": operator.ge, "<": operator.lt,
                                                           "<=": operator.le}
@@ -129,21 +132,9 @@ def observe(store, rule: dict, run: str) -> tuple[float, int, dict] | None:
     metric, layer, expert = rule["metric"], rule["layer"], rule["expert"]
     if expert is not None:
         per_layer = _expert_values(store, metric, run, expert, steps, layer)
-    elif metric == "maxvio":
-        df = compute_metric(store, "maxvio", run, **kw)
-        per_layer = dict(zip(df.layer, df.maxvio_global))
-    elif metric == "dead_experts":
-        df = compute_metric(store, "dead_experts", run, **kw)
-        per_layer = dict(zip(df.layer, df.dead))
-    elif metric == "drop_rate":
-        df = compute_metric(store, "drop_rate", run, **kw)
-        per_layer = dict(zip(df.layer, df.drop_rate))
-    elif metric == "cv":
-        df = compute_metric(store, "cv", run, **kw)
-        per_layer = dict(zip(df.layer, df.cv))
     else:
-        df = compute_metric(store, "entropy", run, **kw)
-        per_layer = dict(zip(df.layer, df["mean"]))
+        df = compute_metric(store, metric, run, **kw)
+        per_layer = dict(zip(df.layer, df[_WINDOW_COLUMN[metric]]))
     per_layer = {int(k): float(v) for k, v in per_layer.items() if v is not None and not math.isnan(float(v))}
     if layer is not None:
         if layer not in per_layer:
