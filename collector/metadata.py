@@ -1,4 +1,4 @@
-"""Relational metadata (SQLAlchemy): runs, checkpoints, layers, segments, ledger, alerts.
+"""Relational metadata (SQLAlchemy): runs, checkpoints, layers, segments, probe sets, ledger, alerts.
 
 SQLite file by default, PostgreSQL in production; the same code serves both.
 """
@@ -7,9 +7,11 @@ from __future__ import annotations
 import time
 
 from sqlalchemy import (
-    JSON, Boolean, Column, Float, Integer, MetaData, String, Table, Text, UniqueConstraint, create_engine, event,
+    JSON, BigInteger, Boolean, Column, Float, Integer, MetaData, String, Table, Text, UniqueConstraint, create_engine, event,
+    inspect,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 
 metadata = MetaData()
 
@@ -50,6 +52,30 @@ segments = Table(
     Column("rows", Integer, nullable=False),
     Column("created_at", Float, nullable=False, default=time.time),
     Column("retired_at", Float, nullable=True, index=True),
+)
+
+# Named token sequences replayed through checkpoints; tokens live in `path` (Parquet,
+# relative to the store root), identified by a hash of their content.
+probe_sets = Table(
+    "probe_sets", metadata,
+    Column("name", String(200), primary_key=True),
+    Column("created_at", Float, nullable=False, default=time.time),
+    Column("sequences", Integer, nullable=False),
+    Column("tokens", Integer, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("content_hash", String(64), nullable=False),
+    Column("path", String(500), nullable=False),
+)
+
+# Segments found unreadable (corrupt or missing files): out of every query, reported by `check`.
+quarantined_segments = Table(
+    "quarantined_segments", metadata,
+    Column("path", String(500), primary_key=True),
+    Column("run", String(200), nullable=False, index=True),
+    Column("table_name", String(50), nullable=False),
+    Column("rows", Integer, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("quarantined_at", Float, nullable=False, default=time.time),
 )
 
 ingest_ledger = Table(
@@ -98,6 +124,8 @@ alert_rules = Table(
     Column("webhook", Text, nullable=True),
     Column("enabled", Boolean, nullable=False, default=True),
     Column("created_at", Float, nullable=False, default=time.time),
+    Column("aggregation", String(10), nullable=True),  # step | window | ema (None: window, rules from before)
+    Column("ema_alpha", Float, nullable=True),
 )
 
 alert_events = Table(
@@ -112,7 +140,24 @@ alert_events = Table(
     Column("evidence", JSON, nullable=True),
     Column("notified", Boolean, nullable=False, default=False),
     Column("created_at", Float, nullable=False, default=time.time),
+    Column("attempts", Integer, nullable=True),  # webhook deliveries tried
 )
+
+# Where evaluation of each (rule, run) stands, so any process carries on where the last stopped.
+alert_state = Table(
+    "alert_state", metadata,
+    Column("rule_id", Integer, primary_key=True),
+    Column("run", String(200), primary_key=True),
+    Column("last_step", BigInteger, nullable=True),  # the last step evaluated
+    Column("streak", Integer, nullable=False, default=0),  # consecutive breaching steps
+    Column("firing", Boolean, nullable=False, default=False),
+    Column("ema", Float, nullable=True),  # the moving average so far (aggregation "ema")
+    Column("updated_at", Float, nullable=False, default=time.time),
+)
+
+# Nullable columns added after a table's first release: create_all never alters an
+# existing table, so make_engine adds them to an older database.
+_ADDED_COLUMNS = {"alert_rules": ("aggregation", "ema_alpha"), "alert_events": ("attempts",)}
 
 
 def make_engine(url: str) -> Engine:
@@ -129,4 +174,18 @@ def make_engine(url: str) -> Engine:
     else:
         engine = create_engine(url, pool_pre_ping=True)
     metadata.create_all(engine)
+    _add_columns(engine)
     return engine
+
+
+def _add_columns(engine: Engine) -> None:
+    insp = inspect(engine)
+    for name, columns in _ADDED_COLUMNS.items():
+        have = {c["name"] for c in insp.get_columns(name)}
+        for col in (metadata.tables[name].c[c] for c in columns if c not in have):
+            try:
+                with engine.begin() as conn:
+                    conn.exec_driver_sql(f"ALTER TABLE {name} ADD COLUMN {col.name} {col.type.compile(engine.dialect)}")
+            except DBAPIError as exc:  # another process added it first
+                if "duplicate" not in str(exc).lower() and "already exists" not in str(exc).lower():
+                    raise

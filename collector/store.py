@@ -8,6 +8,8 @@ file lock.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import time
@@ -21,11 +23,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from sqlalchemy import delete, func, insert, select, update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 
 from moescope.collector import metadata as md
+from moescope.collector.alert_records import AlertRecords
 from moescope.frame import Frame
-from moescope.schema import TABLES, check_run_id
+from moescope.schema import TABLES, SchemaError, check_frame_id, check_run_id
+
+log = logging.getLogger(__name__)
 
 # Fresh per-frame segments are written fast (ingest is bound by this write); compaction
 # rewrites them at a higher level once they are cold.
@@ -45,7 +50,19 @@ class UnknownRun(StoreError):
     pass
 
 
-class Store:
+class UnknownProbeSet(StoreError):
+    pass
+
+
+class ProbeSetConflict(StoreError):
+    """Other content under a probe-set name that is already registered."""
+
+
+class FrameConflict(StoreError):
+    """A frame whose (producer, seq) is already stored under another frame id: never stored, never merged."""
+
+
+class Store(AlertRecords):
     def __init__(self, root: str | os.PathLike, database_url: str | None = None, *, create: bool = True):
         self.root = Path(root).expanduser().absolute()
         if create:
@@ -59,23 +76,37 @@ class Store:
         elif not self.root.is_dir():
             raise StoreError(f"no store at {str(self.root)!r}")
         self.database_url = database_url or os.environ.get("MOESCOPE_DATABASE_URL") or f"sqlite:///{self.root / 'meta.sqlite'}"
+        if not create:
+            _require_sqlite_file(self.database_url)
         self.engine = _engine_with_retry(self.database_url)
 
     # ---------------------------------------------------------------- writing
     def write_frame(self, frame: Frame) -> bool:
-        """Store a frame exactly once. Returns False when it was already stored."""
-        check_run_id(frame.run)
+        """Store a frame exactly once. Returns False when it was already stored.
+
+        FrameConflict when another frame already holds its (producer, seq): the two are
+        different data under one sequence number, so neither silently replaces the other.
+        """
+        try:
+            check_run_id(frame.run)
+            check_frame_id(frame.frame_id)
+        except SchemaError as exc:
+            raise StoreError(str(exc)) from None
         if self.has_frame(frame.frame_id):
             return False
-        run_dir = f"run={frame.run}"
+        self._check_seq_free(frame)
         written = []
-        for name, table in frame.tables.items():
-            if table.num_rows == 0:
-                continue
-            rel = f"segments/{name}/{run_dir}/{frame.frame_id}.parquet"
-            _atomic_write_parquet(table, self.root / rel)
-            written.append({"path": rel, "run": frame.run, "table_name": name, "rows": table.num_rows, "created_at": time.time()})
+        # Each attempt writes files of its own: a losing concurrent writer of the same
+        # frame removes only what it wrote, never the winner's segments.
+        attempt = uuid.uuid4().hex[:8]
         try:
+            for name, table in frame.tables.items():
+                if table.num_rows == 0:
+                    continue
+                rel = f"segments/{name}/run={frame.run}/{frame.frame_id}-{attempt}.parquet"
+                _atomic_write_parquet(table, self._inside(rel))
+                written.append({"path": rel, "run": frame.run, "table_name": name, "rows": table.num_rows,
+                                "created_at": time.time()})
             with self.engine.begin() as conn:
                 self._register_meta(conn, frame)
                 conn.execute(insert(md.ingest_ledger).values(
@@ -83,14 +114,52 @@ class Store:
                     rows=frame.rows, final=frame.final, stored_at=time.time()))
                 if written:
                     conn.execute(insert(md.segments), written)
-                for seq in frame.dropped_seqs:
-                    if not conn.execute(select(md.dropped_frames.c.seq).where(
-                            md.dropped_frames.c.producer == frame.producer, md.dropped_frames.c.seq == seq)).first():
-                        conn.execute(insert(md.dropped_frames).values(producer=frame.producer, seq=seq, run=frame.run))
+                self._record_dropped(conn, frame)
         except IntegrityError:
-            # Another writer stored the same frame first (same uuid, or same producer+seq).
-            return False
+            self._unlink(written)
+            if self.has_frame(frame.frame_id):
+                return False  # another writer stored the same frame first
+            self._check_seq_free(frame)
+            raise
+        except BaseException:
+            self._unlink(written)
+            raise
         return True
+
+    def _check_seq_free(self, frame: Frame) -> None:
+        with self.engine.connect() as conn:
+            other = conn.execute(select(md.ingest_ledger.c.frame_id).where(
+                md.ingest_ledger.c.producer == frame.producer, md.ingest_ledger.c.seq == frame.seq)).first()
+        if other is not None and other[0] != frame.frame_id:
+            raise FrameConflict(f"producer {frame.producer!r} seq {frame.seq} is already stored as frame {other[0]}; "
+                                f"frame {frame.frame_id} reuses it (two producers share a name?)")
+
+    def _record_dropped(self, conn, frame: Frame) -> None:
+        if not frame.dropped_seqs:
+            return
+        seqs = sorted(set(frame.dropped_seqs))
+        known: set[int] = set()
+        for i in range(0, len(seqs), 1000):  # bounded IN lists
+            known.update(s for (s,) in conn.execute(select(md.dropped_frames.c.seq).where(
+                md.dropped_frames.c.producer == frame.producer, md.dropped_frames.c.seq.in_(seqs[i:i + 1000]))))
+        new = [{"producer": frame.producer, "seq": s, "run": frame.run} for s in seqs if s not in known]
+        if new:
+            conn.execute(insert(md.dropped_frames), new)
+
+    def _inside(self, rel: str) -> Path:
+        """The absolute path of `rel`, refusing anything that resolves outside the store root."""
+        path = (self.root / rel).resolve()
+        root = self.root.resolve()
+        if path != root and root not in path.parents:
+            raise StoreError(f"path {rel!r} resolves outside the store {str(root)!r}")
+        return path
+
+    def _unlink(self, written: list[dict]) -> None:
+        for w in written:
+            try:
+                self._inside(w["path"]).unlink(missing_ok=True)
+            except (OSError, StoreError):
+                pass
 
     def _register_meta(self, conn, frame: Frame) -> None:
         if not conn.execute(select(md.runs.c.run).where(md.runs.c.run == frame.run)).first():
@@ -184,41 +253,191 @@ class Store:
             rows = conn.execute(select(md.layers).where(md.layers.c.run == run).order_by(md.layers.c.layer)).all()
         return pd.DataFrame(rows, columns=[c.name for c in md.layers.columns])
 
+    # ---------------------------------------------------------------- probe sets
+    def register_probe_set(self, name: str, probe_set) -> dict:
+        """Store a named probe set (moescope.probe_sets.ProbeSet) once per store; returns its listing row.
+
+        Registering the same content again under the same name does nothing; other
+        content under a registered name is a ProbeSetConflict.
+        """
+        from moescope.probe_sets import ProbeSet, check_probe_set_name
+
+        check_probe_set_name(name)
+        if not isinstance(probe_set, ProbeSet):
+            raise StoreError(f"register_probe_set() takes a moescope.probe_sets.ProbeSet, got {type(probe_set).__name__}")
+        digest = probe_set.content_hash()
+        if self._same_probe_set(name, digest):
+            return self._probe_set_row(name)
+        # Content-addressed file: a concurrent registration of other content never overwrites it.
+        rel = f"probe_sets/{name}-{digest[:16]}.parquet"
+        _atomic_write_parquet(probe_set.to_table(), self._inside(rel), _COMPACT_PARQUET_KW)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(md.probe_sets).values(
+                    name=name, created_at=time.time(), sequences=len(probe_set), tokens=probe_set.tokens,
+                    source=probe_set.source, content_hash=digest, path=rel))
+        except IntegrityError:  # registered meanwhile: the same content is fine
+            try:
+                self._same_probe_set(name, digest)
+            except ProbeSetConflict:
+                self._inside(rel).unlink(missing_ok=True)  # ours only: other content has another file name
+                raise
+        return self._probe_set_row(name)
+
+    def _same_probe_set(self, name: str, digest: str) -> bool:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(md.probe_sets.c.content_hash).where(md.probe_sets.c.name == name)).first()
+        if row is not None and row[0] != digest:
+            raise ProbeSetConflict(f"probe set {name!r} is already registered with other content; "
+                                   "register this one under another name")
+        return row is not None
+
+    def _probe_set_row(self, name: str) -> dict:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(md.probe_sets).where(md.probe_sets.c.name == name)).mappings().first()
+        if row is None:
+            known = self.probe_sets().name.tolist()
+            hint = (f"registered probe sets: {', '.join(known)}" if known
+                    else "the store has none; register one with store.register_probe_set()")
+            raise UnknownProbeSet(f"unknown probe set {name!r}; {hint}")
+        return dict(row)
+
+    def probe_set(self, name: str):
+        """The registered probe set `name` (a ProbeSet; .to_tensors() gives input_ids, attention_mask, domains)."""
+        from moescope.probe_sets import ProbeSet
+
+        row = self._probe_set_row(name)
+        return ProbeSet.from_table(pq.read_table(self._inside(row["path"])), source=row["source"], name=name)
+
+    def probe_sets(self) -> pd.DataFrame:
+        """One row per registered probe set: name, created_at, sequences, tokens, source, content_hash."""
+        cols = ["name", "created_at", "sequences", "tokens", "source", "content_hash"]
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(*(md.probe_sets.c[c] for c in cols)).order_by(md.probe_sets.c.name)).all()
+        return pd.DataFrame(rows, columns=cols)
+
     def segment_paths(self, table: str, run: str | None = None) -> list[str]:
-        q = select(md.segments.c.path).where(md.segments.c.table_name == table, md.segments.c.retired_at.is_(None))
+        return self._live_segments(run).get(table, [])
+
+    def _live_segments(self, run: str | None) -> dict[str, list[str]]:
+        """Absolute paths of live segments per table, from one metadata query."""
+        q = select(md.segments.c.table_name, md.segments.c.path).where(md.segments.c.retired_at.is_(None))
         if run is not None:
             q = q.where(md.segments.c.run == run)
+        out: dict[str, list[str]] = {}
         with self.engine.connect() as conn:
-            return [str(self.root / p) for (p,) in conn.execute(q.order_by(md.segments.c.path))]
+            for table, path in conn.execute(q.order_by(md.segments.c.path)):
+                out.setdefault(table, []).append(str(self.root / path))
+        return out
 
-    def connect(self, run: str | None = None) -> duckdb.DuckDBPyConnection:
+    def connect(self, run: str | None = None, *, fill_missing: bool = False) -> duckdb.DuckDBPyConnection:
         """A private in-memory DuckDB with views routing / token_stats / expert_step.
 
-        Scoped to one run when given (only that run's segments are opened).
+        Scoped to one run when given (only that run's segments are opened). fill_missing:
+        contract columns that none of the segments has (they were written before the
+        column existed) appear as nulls; it costs a read of every footer, so queries ask
+        for it only when they did not bind without it.
         """
         con = duckdb.connect(":memory:")
+        live = self._live_segments(run)
         for name, schema in TABLES.items():
-            paths = self.segment_paths(name, run)
+            paths = live.get(name)
             if paths:
-                con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_sql_list(paths)}, union_by_name=true)")
+                src = f"read_parquet({_sql_list(paths)}, union_by_name=true)"
+                nulls = _null_columns(con, src, schema) if fill_missing else ""
+                con.execute(f"CREATE VIEW {name} AS SELECT *{nulls} FROM {src}")
             else:
                 con.register(f"_empty_{name}", schema.empty_table())
                 con.execute(f"CREATE VIEW {name} AS SELECT * FROM _empty_{name}")
         return con
 
+    def _query(self, fn, run: str | None):
+        """fn(connection) over the live segments; an unreadable segment is quarantined and the query retried."""
+        tried: set[str] = set()
+        fill = False
+        while True:
+            con = self.connect(run, fill_missing=fill)
+            try:
+                return fn(con)
+            except duckdb.Error as exc:
+                if isinstance(exc, duckdb.BinderException) and not fill:
+                    fill = True  # it may name a column that older segments lack: once more, with it as nulls
+                    continue
+                rel = self._segment_named_in(str(exc), run)
+                if rel is None or rel in tried:
+                    raise
+                tried.add(rel)
+                self.verify_segments(run, paths=[rel])
+            finally:
+                con.close()
+
+    def _segment_named_in(self, message: str, run: str | None) -> str | None:
+        q = select(md.segments.c.path)
+        if run is not None:
+            q = q.where(md.segments.c.run == run)
+        with self.engine.connect() as conn:
+            for (rel,) in conn.execute(q):
+                if str(self.root / rel) in message:
+                    return rel
+        return None
+
     def sql(self, query: str, params: Sequence[Any] | dict | None = None, *, run: str | None = None) -> pd.DataFrame:
-        con = self.connect(run)
-        try:
-            return con.execute(query, params or []).df()
-        finally:
-            con.close()
+        return self._query(lambda con: con.execute(query, params or []).df(), run)
 
     def arrow(self, query: str, params: Sequence[Any] | dict | None = None, *, run: str | None = None) -> pa.Table:
-        con = self.connect(run)
-        try:
-            return con.execute(query, params or []).fetch_arrow_table()
-        finally:
-            con.close()
+        return self._query(lambda con: con.execute(query, params or []).fetch_arrow_table(), run)
+
+    # ---------------------------------------------------------------- integrity
+    def verify_segments(self, run: str | None = None, *, paths: list[str] | None = None) -> list[dict]:
+        """Read the footer of each live segment (of `run`, or the given relative paths); quarantine unreadable ones.
+
+        Returns the segments quarantined now. A quarantined segment leaves every query
+        (its rows are reported lost by `check`), so one bad file never breaks a run.
+        """
+        q = select(md.segments.c.path, md.segments.c.run, md.segments.c.table_name, md.segments.c.rows).where(
+            md.segments.c.retired_at.is_(None))
+        if run is not None:
+            q = q.where(md.segments.c.run == run)
+        if paths is not None:
+            q = q.where(md.segments.c.path.in_(paths))
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).all()
+        bad = []
+        for rel, srun, table, nrows in rows:
+            try:
+                meta = pq.read_metadata(self._inside(rel))
+                if meta.num_rows != nrows:
+                    raise ValueError(f"holds {meta.num_rows} rows, the store recorded {nrows}")
+            except (OSError, ValueError, pa.ArrowException, StoreError) as exc:
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
+                if self._quarantine(rel, srun, table, nrows, reason):
+                    bad.append({"path": rel, "run": srun, "table_name": table, "rows": nrows, "reason": reason})
+        return bad
+
+    def _quarantine(self, rel: str, run: str, table: str, rows: int, reason: str) -> bool:
+        with self.engine.begin() as conn:
+            gone = conn.execute(delete(md.segments).where(md.segments.c.path == rel, md.segments.c.retired_at.is_(None)))
+            if gone.rowcount != 1:
+                return False  # retired or quarantined meanwhile
+            conn.execute(insert(md.quarantined_segments).values(path=rel, run=run, table_name=table, rows=rows,
+                                                                reason=reason, quarantined_at=time.time()))
+        try:  # kept for inspection, out of the segment tree
+            src = self._inside(rel)
+            if src.exists():
+                dst = self._inside(f"quarantine/{rel}")
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dst)
+        except (OSError, StoreError):
+            pass
+        log.error("store: quarantined unreadable segment %s (%s)", rel, reason)
+        return True
+
+    def quarantined(self, run: str) -> pd.DataFrame:
+        """Segments of `run` taken out of queries because they could not be read."""
+        cols = [md.quarantined_segments.c[c] for c in ("path", "table_name", "rows", "reason", "quarantined_at")]
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(*cols).where(md.quarantined_segments.c.run == run)).all()
+        return pd.DataFrame(rows, columns=["path", "table_name", "rows", "reason", "quarantined_at"])
 
     def metric(self, name: str, run: str, **kwargs) -> pd.DataFrame:
         """A routing metric of METRICS.md by name, e.g. store.metric("maxvio", run="r", layers=[3])."""
@@ -248,15 +467,21 @@ class Store:
         for producer, seq in dead:
             if seq is not None:
                 producers.setdefault(producer, {"stored": set(), "dropped": set(), "dead": set(), "sent": None})["dead"].add(seq)
+        conflicts: dict[str, int] = {}
+        with self.engine.connect() as conn:
+            for producer, in conn.execute(select(md.dead_letters.c.producer).where(
+                    md.dead_letters.c.run == run, md.dead_letters.c.reason.like(f"{CONFLICT_REASON}%"))):
+                conflicts[producer] = conflicts.get(producer, 0) + 1
         out = []
         for producer, p in sorted(producers.items()):
             accounted = p["stored"] | p["dropped"] | p["dead"]
             sent = p["sent"] if p["sent"] is not None else (max(accounted) + 1 if accounted else 0)
-            missing = sorted(set(range(sent)) - accounted)
+            missing, first = _gaps(accounted, sent, keep=20)
             out.append({"producer": producer, "sent": sent, "stored": len(p["stored"]), "dead_lettered": len(p["dead"] - p["stored"]),
-                        "dropped": len(p["dropped"] - p["stored"]), "missing": len(missing), "missing_seqs": missing[:20],
-                        "closed": p["sent"] is not None})
-        return pd.DataFrame(out, columns=["producer", "sent", "stored", "dead_lettered", "dropped", "missing", "missing_seqs", "closed"])
+                        "conflicts": conflicts.get(producer, 0), "dropped": len(p["dropped"] - p["stored"]),
+                        "missing": missing, "missing_seqs": first, "closed": p["sent"] is not None})
+        return pd.DataFrame(out, columns=["producer", "sent", "stored", "dead_lettered", "conflicts", "dropped", "missing",
+                                          "missing_seqs", "closed"])
 
     # ---------------------------------------------------------------- maintenance
     def compact(self, run: str | None = None, *, min_files: int = 8, target_rows: int = 4_000_000) -> int:
@@ -285,14 +510,18 @@ class Store:
                 retired += self._merge(table_name, grun, batch)
             except _Abort:
                 pass
+            except (OSError, ValueError, pa.ArrowException) as exc:
+                # An unreadable input: quarantine it and go on with the other tables and runs.
+                bad = self.verify_segments(grun, paths=batch)
+                log.warning("compaction of %s/%s skipped (%s); quarantined %d segment(s)", table_name, grun, exc, len(bad))
         self.sweep()
         return retired
 
     def _merge(self, table_name: str, run: str, paths: list[str]) -> int:
         rel = f"segments/{table_name}/run={run}/c-{uuid.uuid4().hex}.parquet"
         # One input segment in memory at a time: compaction must not grow the worker.
-        rows = _atomic_write_parquet_parts((pq.read_table(self.root / p).cast(TABLES[table_name]) for p in paths),
-                                           TABLES[table_name], self.root / rel, _COMPACT_PARQUET_KW)
+        rows = _atomic_write_parquet_parts((_read_segment(self._inside(p), TABLES[table_name]) for p in paths),
+                                           TABLES[table_name], self._inside(rel), _COMPACT_PARQUET_KW)
         now = time.time()
         with self.engine.begin() as conn:
             res = conn.execute(update(md.segments).where(md.segments.c.path.in_(paths), md.segments.c.retired_at.is_(None))
@@ -311,8 +540,8 @@ class Store:
             old = [p for (p,) in conn.execute(select(md.segments.c.path).where(md.segments.c.retired_at < cutoff))]
         for p in old:
             try:
-                (self.root / p).unlink()
-            except FileNotFoundError:
+                self._inside(p).unlink()
+            except (FileNotFoundError, StoreError):
                 pass
         if old:
             with self.engine.begin() as conn:
@@ -325,12 +554,18 @@ class Store:
         with self.engine.begin() as conn:
             paths = [p for (p,) in conn.execute(select(md.segments.c.path).where(md.segments.c.run == run))]
             for table in (md.segments, md.ingest_ledger, md.dropped_frames, md.dead_letters, md.checkpoints, md.layers,
-                          md.alert_events, md.runs):
+                          md.alert_events, md.alert_state, md.runs):
                 conn.execute(delete(table).where(table.c.run == run))
         # Files go after the commit: a reader holding the old list may fail once, never double count.
+        # Every path is checked to lie under the root: metadata never makes us delete elsewhere.
         for p in paths:
-            (self.root / p).unlink(missing_ok=True)
-        for folder in [self.root / "segments" / name / f"run={run}" for name in TABLES] + [self.root / "checkpoints" / run]:
+            try:
+                self._inside(p).unlink(missing_ok=True)
+            except StoreError:
+                log.error("store: not deleting %r of run %r: outside the store", p, run)
+        check_run_id(run)
+        for folder in [f"segments/{name}/run={run}" for name in TABLES] + [f"checkpoints/{run}"]:
+            folder = self._inside(folder)
             if folder.is_dir():
                 shutil.rmtree(folder, ignore_errors=True)
 
@@ -354,10 +589,12 @@ class Store:
         if not out.parent.is_dir():
             raise StoreError(f"output directory {str(out.parent)!r} does not exist")
         tmp = out.with_name(out.name + f".tmp-{uuid.uuid4().hex}")
+        self.verify_segments(run)  # an unreadable segment is quarantined, not exported, not fatal
+        live = self._live_segments(run)
         con = duckdb.connect(str(tmp))
         try:
             for name, schema in TABLES.items():
-                paths = self.segment_paths(name, run)
+                paths = live.get(name)
                 if paths:
                     con.execute(f"CREATE TABLE {name} AS SELECT * FROM read_parquet({_sql_list(paths)}, union_by_name=true)")
                 else:
@@ -369,9 +606,15 @@ class Store:
                 con.register("_df", df)
                 con.execute(f"CREATE TABLE {frame_name} AS SELECT * FROM _df")
                 con.unregister("_df")
-        finally:
             con.close()
-        os.replace(tmp, out)
+            os.replace(tmp, out)
+        except BaseException as exc:
+            con.close()
+            for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
+                leftover.unlink(missing_ok=True)
+            if isinstance(exc, (duckdb.Error, OSError)):
+                raise StoreError(f"export of run {run!r} failed: {str(exc).splitlines()[0]}") from None
+            raise
         return out
 
     def close(self) -> None:
@@ -382,62 +625,139 @@ class _Abort(Exception):
     pass
 
 
+# Dead letters whose reason starts so are frames that reused a stored (producer, seq): data not stored.
+CONFLICT_REASON = "conflict:"
+
+
+def _gaps(accounted: set[int], sent: int, keep: int) -> tuple[int, list[int]]:
+    """How many of 0..sent-1 are not in `accounted`, and the first `keep` of them (cost: len(accounted), not sent)."""
+    seen = sorted(s for s in accounted if 0 <= s < sent)
+    first, prev = [], -1
+    for s in [*seen, sent]:
+        if s > prev + 1 and len(first) < keep:
+            first.extend(range(prev + 1, min(s, prev + 1 + keep - len(first))))
+        prev = s
+    return sent - len(seen), first
+
+
 def _sql_list(paths: Iterable[str]) -> str:
     # Views cannot take bound parameters, so the file list is inlined as quoted literals.
     return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
 
 
-def _atomic_write_parquet_parts(parts: Iterable[pa.Table], schema: pa.Schema, path: Path, options: dict) -> int:
-    """Stream tables into one Parquet file (a row group each), atomically; returns rows written."""
+@contextlib.contextmanager
+def _atomic_file(path: Path):
+    """An open file that appears at `path` whole (fsynced, renamed) or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write_parquet_parts(parts: Iterable[pa.Table], schema: pa.Schema, path: Path, options: dict) -> int:
+    """Stream tables into one Parquet file (a row group each), atomically; returns rows written."""
     strings = [f.name for f in schema if pa.types.is_string(f.type)]
     rows = 0
-    with open(tmp, "wb") as fh:
-        with pq.ParquetWriter(fh, schema, use_dictionary=strings, **options) as writer:
-            pending: list[pa.Table] = []
-            for part in parts:
-                pending.append(part)
-                rows += part.num_rows
-                if sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
-                    writer.write_table(pa.concat_tables(pending))
-                    pending = []
-            if pending:
+    with _atomic_file(path) as fh, pq.ParquetWriter(fh, schema, use_dictionary=strings, **options) as writer:
+        pending: list[pa.Table] = []
+        for part in parts:
+            pending.append(part)
+            rows += part.num_rows
+            if sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
                 writer.write_table(pa.concat_tables(pending))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+                pending = []
+        if pending:
+            writer.write_table(pa.concat_tables(pending))
     return rows
 
 
+_DUCKDB_TYPES = {pa.string(): "VARCHAR", pa.float32(): "FLOAT", pa.float64(): "DOUBLE"}
+
+
+def _null_columns(con, src: str, schema: pa.Schema) -> str:
+    """`, NULL::T AS c` for each nullable contract column that none of the files in `src` has."""
+    have = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()}
+    return "".join(f", NULL::{_DUCKDB_TYPES[f.type]} AS {f.name}" for f in schema
+                   if f.name not in have and f.nullable and f.type in _DUCKDB_TYPES)
+
+
+def _read_segment(path: Path, schema: pa.Schema) -> pa.Table:
+    # Older segments may lack a nullable column added since; fill it with nulls.
+    table = pq.read_table(path)
+    for field in schema:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(schema.names).cast(schema)
+
+
 def _atomic_write_parquet(table: pa.Table, path: Path, options: dict = _INGEST_PARQUET_KW) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{uuid.uuid4().hex}.tmp")
     # Dictionary-encode only the string columns (run, checkpoint, domain, phase): on the
     # numeric columns it halves write speed and saves nothing after zstd.
     strings = [f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
-    with open(tmp, "wb") as fh:
+    with _atomic_file(path) as fh:
         pq.write_table(table, fh, use_dictionary=strings, **options)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _engine_with_retry(url: str, attempts: int = 20):
-    # Several processes may create the schema at once (PostgreSQL races on CREATE TABLE).
+    # Several processes may create the schema at once (PostgreSQL races on CREATE TABLE),
+    # and a database may still be starting: those are retried. A file that is not a
+    # database, or one we may not write, fails at once with one line.
     last = None
     for i in range(attempts):
         try:
             return md.make_engine(url)
         except (IntegrityError, OperationalError) as exc:
+            msg = str(exc.orig if getattr(exc, "orig", None) is not None else exc)
+            if any(p in msg for p in _PERMANENT_DB_ERRORS):
+                raise StoreError(f"cannot open metadata database {_safe_url(url)}: {msg.splitlines()[0]}") from None
             last = exc
             time.sleep(0.1 * (i + 1))
+        except DatabaseError as exc:
+            msg = str(exc.orig if getattr(exc, "orig", None) is not None else exc).splitlines()[0]
+            raise StoreError(f"cannot open metadata database {_safe_url(url)}: {msg}") from None
         except Exception as exc:  # ProgrammingError "already exists" under races
             if "already exists" not in str(exc):
                 raise
             last = exc
             time.sleep(0.1 * (i + 1))
-    raise StoreError(f"cannot open metadata database {url!r}: {last}")
+    raise StoreError(f"cannot open metadata database {_safe_url(url)}: {str(last).splitlines()[0]}")
+
+
+_PERMANENT_DB_ERRORS = ("readonly database", "read-only", "not a database", "unable to open database file",
+                        "database disk image is malformed", "password authentication failed", "does not exist")
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return repr(make_url(url).render_as_string(hide_password=True))
+    except Exception:  # noqa: BLE001 - only for the message
+        return "(unparsable URL)"
+
+
+def _require_sqlite_file(url: str) -> None:
+    """A read-only command never creates (or silently recreates) a SQLite metadata DB."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        u = make_url(url)
+    except Exception:  # noqa: BLE001 - the engine reports a bad URL itself
+        return
+    if not u.drivername.startswith("sqlite") or not u.database or u.database == ":memory:":
+        return
+    path = Path(u.database)
+    if not path.is_file():
+        raise StoreError(f"no store metadata at {str(path)!r}: is --store right? (`moescope demo` creates one)")
+    if path.stat().st_size == 0:
+        raise StoreError(f"store metadata {str(path)!r} is empty (0 bytes): the store is damaged; restore it from a backup")
 
 
 def open_store(root: str | os.PathLike | None = None, database_url: str | None = None, *, create: bool = True) -> Store:

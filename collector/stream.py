@@ -9,16 +9,19 @@ they have been idle `claim_idle_ms`.
 After the durable write the frame id is added to the set named in the message's `ack`
 field; the producing RedisSink polls that set and only then forgets its spooled copy.
 
-Malformed messages go to the dead-letter stream with the reason, are recorded in the
-store's dead_letters table, and are acknowledged so ingestion continues.
+Malformed messages, and frames that reuse a stored (producer, seq) under another uuid,
+go to the dead-letter stream with the reason, are recorded in the store's dead_letters
+table, and are acknowledged so ingestion continues; their ids go to the producer's
+`rejected` hash (never its ack set), so the sink reports them instead of believing them
+stored. An unexpected store error (a bug, not bad input) leaves the message pending and
+is retried with back-off; after `max_attempts` the whole message is parked on
+`<stream>:parked` and nothing is acknowledged to the producer, which re-sends it later.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
-import struct
 import threading
 import time
 
@@ -26,15 +29,18 @@ import redis
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from moescope.collector.store import Store
-from moescope.frame import MAGIC, FrameError, decode
+from moescope.collector.store import CONFLICT_REASON, FrameConflict, Store, StoreError
+from moescope.frame import FrameError, decode, read_header
 from moescope.schema import SchemaError, check_run_id
 
 log = logging.getLogger(__name__)
 
 GROUP = "moescope-ingest"
 ACK_TTL_S = 7 * 86400
-_DEAD_BYTES_KEPT = 1 << 20
+# Dead letters keep at most this much of each message, and the stream at most
+# DEAD_LETTER_BUDGET bytes in all (trimmed oldest first).
+_DEAD_BYTES_KEPT = 16 << 20
+DEAD_LETTER_BUDGET = 256 << 20
 # Failures of the environment (database or disk away): keep the message pending and retry.
 TRANSIENT = (OperationalError, InterfaceError, PoolTimeout, OSError, redis.ConnectionError, redis.TimeoutError,
              redis.BusyLoadingError)
@@ -47,24 +53,29 @@ def consumer_name(index: int = 0) -> str:
 def peek_header(data: bytes) -> dict | None:
     """The frame header as a dict, or None when the bytes do not even carry one (cheap: no Arrow)."""
     try:
-        if not data.startswith(MAGIC):
-            return None
-        (hlen,) = struct.unpack_from("<I", data, len(MAGIC))
-        header = json.loads(data[len(MAGIC) + 4 : len(MAGIC) + 4 + hlen])
-        return header if isinstance(header, dict) else None
-    except (struct.error, ValueError, UnicodeDecodeError):
+        return read_header(data)[0]
+    except FrameError:
         return None
+
+
+class _Deferred(Exception):
+    """The store failed unexpectedly on this message; it stays pending and is retried after a back-off."""
 
 
 class StreamIngestor:
     """One consumer of the frame stream. `run(stop)` loops until the event is set."""
 
     def __init__(self, store: Store, client: redis.Redis, stream: str, dead_letter_stream: str, consumer: str, *,
-                 claim_idle_ms: int = 30_000, block_ms: int = 1000, dead_maxlen: int = 100_000):
+                 claim_idle_ms: int = 30_000, block_ms: int = 1000, dead_budget_bytes: int = DEAD_LETTER_BUDGET,
+                 max_attempts: int = 8, max_backoff_s: float = 30.0):
         self.store, self.client = store, client
         self.stream, self.dead_letter_stream, self.consumer = stream, dead_letter_stream, consumer
-        self.claim_idle_ms, self.block_ms, self.dead_maxlen = claim_idle_ms, block_ms, dead_maxlen
-        self.counts = {"stored": 0, "duplicate": 0, "dead": 0, "claimed": 0, "retries": 0, "rows": 0}
+        self.parked_stream = f"{stream}:parked"
+        self.claim_idle_ms, self.block_ms, self.dead_budget_bytes = claim_idle_ms, block_ms, dead_budget_bytes
+        self.max_attempts, self.max_backoff_s = max_attempts, max_backoff_s
+        self.counts = {"stored": 0, "duplicate": 0, "dead": 0, "claimed": 0, "retries": 0, "rows": 0, "store_errors": 0,
+                       "parked": 0}
+        self._failures: dict[str, int] = {}
         self._group_ready = False
         self._next_reap = 0.0
 
@@ -83,9 +94,9 @@ class StreamIngestor:
             try:
                 self.step()
                 backoff = 0.0
-            except TRANSIENT as exc:
+            except (*TRANSIENT, _Deferred) as exc:
                 self.counts["retries"] += 1
-                backoff = min(5.0, max(0.2, backoff * 2))
+                backoff = min(self.max_backoff_s, max(0.2, backoff * 2))
                 log.warning("ingest %s: %s: %s; retrying in %.1fs", self.consumer, type(exc).__name__, exc, backoff)
                 stop.wait(backoff)
             except redis.ResponseError as exc:
@@ -161,8 +172,13 @@ class StreamIngestor:
             stored = self.store.write_frame(frame)
         except TRANSIENT:
             raise
-        except Exception as exc:  # noqa: BLE001 - a frame the store rejects must not stop ingestion
-            return self._dead(msg_id, mid, f"store rejected frame: {type(exc).__name__}: {exc}", header, data, ack_key)
+        except FrameConflict as exc:
+            return self._dead(msg_id, mid, f"{CONFLICT_REASON} {exc}", header, data, ack_key)
+        except StoreError as exc:  # the store refuses this frame's content: bad input, not a failure
+            return self._dead(msg_id, mid, f"store refused frame: {exc}", header, data, ack_key)
+        except Exception as exc:  # noqa: BLE001 - a store bug: keep the frame, never acknowledge it
+            return self._defer(msg_id, mid, exc, fields)
+        self._failures.pop(mid, None)
         self.counts["stored" if stored else "duplicate"] += 1
         if stored:
             self.counts["rows"] += frame.tables["routing"].num_rows if "routing" in frame.tables else 0
@@ -183,12 +199,53 @@ class StreamIngestor:
         self.client.xadd(self.dead_letter_stream, {
             "reason": reason, "message_id": mid, "run": run or "", "producer": producer or "",
             "seq": "" if seq is None else str(seq), "frame": data[:_DEAD_BYTES_KEPT],
-            "truncated": int(len(data) > _DEAD_BYTES_KEPT)}, maxlen=self.dead_maxlen, approximate=True)
+            "truncated": int(len(data) > _DEAD_BYTES_KEPT)})
+        self._trim_dead_letters()
         self.store.record_dead_letter(reason, message_id=mid, run=run, producer=producer, seq=seq)
         self.counts["dead"] += 1
+        self._failures.pop(mid, None)
         log.warning("ingest: dead-lettered message %s: %s", mid, reason)
-        self._ack(msg_id, ack_key, frame_id)  # accounted for: the producer must not re-send it forever
+        # Accounted for, so the producer stops re-sending it; but as rejected, never as stored.
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xack(self.stream, GROUP, msg_id)
+        if frame_id and ack_key.startswith(f"{self.stream}:acks:"):
+            rejected = rejected_key(ack_key)
+            pipe.hset(rejected, frame_id, reason[:500])
+            pipe.expire(rejected, ACK_TTL_S)
+        pipe.execute()
         return "dead"
+
+    def _trim_dead_letters(self) -> None:
+        """Keep the dead-letter stream under its byte budget, dropping the oldest entries."""
+        used = self.client.memory_usage(self.dead_letter_stream, samples=0) or 0
+        if used <= self.dead_budget_bytes:
+            return
+        length = self.client.xlen(self.dead_letter_stream)
+        keep = max(1, int(length * self.dead_budget_bytes / used * 0.9))
+        self.client.xtrim(self.dead_letter_stream, maxlen=keep, approximate=False)
+
+    def _defer(self, msg_id, mid: str, exc: Exception, fields) -> str:
+        self.counts["store_errors"] += 1
+        failures = self._failures[mid] = self._failures.get(mid, 0) + 1
+        if failures < self.max_attempts:
+            log.error("ingest: store failed on message %s (attempt %d of %d): %s: %s", mid, failures, self.max_attempts,
+                      type(exc).__name__, exc, exc_info=failures == 1)
+            raise _Deferred(f"store error on message {mid}: {type(exc).__name__}: {exc}")
+        # Out of the way of the frames behind it, whole; the producer is not told it was stored.
+        self.client.xadd(self.parked_stream, {**{k.decode() if isinstance(k, bytes) else k: v for k, v in fields.items()},
+                                              "reason": f"{type(exc).__name__}: {exc}"[:2000], "message_id": mid},
+                         maxlen=10_000, approximate=True)
+        self.client.xack(self.stream, GROUP, msg_id)
+        self._failures.pop(mid, None)
+        self.counts["parked"] += 1
+        log.error("ingest: parked message %s after %d failed attempts; its producer will re-send it", mid, failures)
+        return "parked"
+
+
+def rejected_key(ack_key: str) -> str:
+    """The producer's hash of rejected frame ids (and reasons), beside its ack set."""
+    stream, _, producer = ack_key.partition(":acks:")
+    return f"{stream}:rejected:{producer}"
 
 
 def _ledger_keys(header: dict | None):

@@ -17,11 +17,17 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from moescope.schema import SCHEMA_VERSION, TABLES, SchemaError, conform
+from moescope.schema import SCHEMA_VERSION, TABLES, SchemaError, check_frame_id, check_run_id, conform
 
 MAGIC = b"MOEF"
 _LEN = struct.Struct("<I")
 _MAX_HEADER = 16 << 20
+# Bounds on what one message may make a worker do (a frame on the stream is untrusted input).
+MAX_SEQ = 2**31 - 1                 # the ledger stores seq as a 32-bit integer
+MAX_DROPPED_SEQS = 65_536           # drop reports one frame may carry; the sink spreads the rest
+MAX_PRODUCER_LEN = 200
+MAX_TABLE_ROWS = 16 << 20           # rows per table, declared in the header, checked before decoding
+MAX_DECODED_BYTES = 1 << 30         # decoded Arrow bytes per frame, checked batch by batch
 _WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
 
 
@@ -75,34 +81,46 @@ def encode(frame: Frame) -> bytes:
     return b"".join([MAGIC, _LEN.pack(len(header)), header, *blobs])
 
 
-def decode(data: bytes, *, validate: bool = True) -> Frame:
-    """Parse and (by default) validate a frame against schema v1; FrameError on anything wrong."""
+def decode(data: bytes, *, validate: bool = True, max_rows: int = MAX_TABLE_ROWS,
+           max_decoded_bytes: int = MAX_DECODED_BYTES) -> Frame:
+    """Parse and (by default) validate a frame against schema v1; FrameError on anything wrong.
+
+    A frame may declare at most `max_rows` rows per table and decode to at most
+    `max_decoded_bytes` of Arrow data, so a small message cannot make a worker allocate
+    without bound.
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise FrameError(f"frame must be bytes, got {type(data).__name__}")
     data = bytes(data)
-    if len(data) < len(MAGIC) + _LEN.size or not data.startswith(MAGIC):
-        raise FrameError("not a moescope frame (bad magic)")
-    (hlen,) = _LEN.unpack_from(data, len(MAGIC))
-    start = len(MAGIC) + _LEN.size
-    if hlen > _MAX_HEADER or start + hlen > len(data):
-        raise FrameError(f"truncated frame: header length {hlen} exceeds {len(data) - start} bytes")
-    try:
-        header = json.loads(data[start : start + hlen])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FrameError(f"frame header is not JSON: {exc}") from None
+    header, offset = read_header(data)
     _check_header(header)
-    offset, tables = start + hlen, {}
+    tables, decoded = {}, 0
+    seen: set[str] = set()
     for entry in header["tables"]:
-        name, length = entry.get("name"), entry.get("length")
-        if name not in TABLES or not isinstance(length, int) or length < 0 or offset + length > len(data):
-            raise FrameError(f"bad table entry {entry!r} in frame {header['frame_id']}")
+        if not isinstance(entry, dict):
+            raise FrameError(f"bad table entry {str(entry)[:80]!r} in frame {header['frame_id']}")
+        name, length, rows = entry.get("name"), entry.get("length"), entry.get("rows")
+        if (name not in TABLES or name in seen or not _is_int(length) or length < 0 or offset + length > len(data)
+                or not _is_int(rows) or rows < 0):
+            raise FrameError(f"bad table entry {str(entry)[:200]} in frame {header['frame_id']}")
+        if rows > max_rows:
+            raise FrameError(f"table {name!r} declares {rows} rows, more than the {max_rows} a frame may carry")
+        seen.add(name)
         try:
-            table = pa.ipc.open_stream(pa.py_buffer(data[offset : offset + length])).read_all()
+            reader, batches = pa.ipc.open_stream(pa.py_buffer(data[offset : offset + length])), []
+            for batch in reader:
+                decoded += batch.nbytes
+                if decoded > max_decoded_bytes:
+                    raise FrameError(f"frame {header['frame_id']} decodes to more than {max_decoded_bytes} bytes")
+                batches.append(batch)
+            table = pa.Table.from_batches(batches, schema=reader.schema)
             table.validate(full=True)
-        except (pa.ArrowException, OSError, ValueError, MemoryError) as exc:
+        except FrameError:
+            raise
+        except (pa.ArrowException, OSError, ValueError, MemoryError, IndexError) as exc:
             # Corrupt bytes surface as many Arrow errors (invalid, not implemented, huge malloc).
             raise FrameError(f"table {name!r} is not readable Arrow IPC: {str(exc)[:200]}") from None
-        if table.num_rows != entry.get("rows"):
+        if table.num_rows != rows:
             raise FrameError(f"table {name!r} has {table.num_rows} rows, header says {entry.get('rows')}")
         if validate:
             try:
@@ -122,6 +140,23 @@ def decode(data: bytes, *, validate: bool = True) -> Frame:
     )
 
 
+def read_header(data: bytes) -> tuple[dict, int]:
+    """The frame's JSON header (unchecked) and the offset of its first table; FrameError when absent."""
+    if len(data) < len(MAGIC) + _LEN.size or not data.startswith(MAGIC):
+        raise FrameError("not a moescope frame (bad magic)")
+    (hlen,) = _LEN.unpack_from(data, len(MAGIC))
+    start = len(MAGIC) + _LEN.size
+    if hlen > _MAX_HEADER or start + hlen > len(data):
+        raise FrameError(f"truncated frame: header length {hlen} exceeds {len(data) - start} bytes")
+    try:
+        header = json.loads(data[start : start + hlen])
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise FrameError(f"frame header is not JSON: {str(exc)[:200]}") from None
+    if not isinstance(header, dict):
+        raise FrameError("frame header is not an object")
+    return header, start + hlen
+
+
 def _check_header(header: Any) -> None:
     if not isinstance(header, dict):
         raise FrameError("frame header is not an object")
@@ -130,12 +165,28 @@ def _check_header(header: Any) -> None:
     for key, kind in (("run", str), ("producer", str), ("frame_id", str), ("seq", int), ("tables", list), ("dropped_seqs", list)):
         if not isinstance(header.get(key), kind) or isinstance(header.get(key), bool):
             raise FrameError(f"frame header field {key!r} missing or not {kind.__name__}")
-    if header["seq"] < 0 or not all(isinstance(s, int) and s >= 0 for s in header["dropped_seqs"]):
-        raise FrameError("frame header has a negative sequence number")
-    if not header["run"] or not header["producer"]:
-        raise FrameError("frame header has an empty run or producer")
+    seq = header["seq"]
+    if not 0 <= seq <= MAX_SEQ:
+        raise FrameError(f"frame header seq {seq} is outside 0..{MAX_SEQ}")
+    dropped = header["dropped_seqs"]
+    if len(dropped) > MAX_DROPPED_SEQS:
+        raise FrameError(f"frame header carries {len(dropped)} dropped seqs; at most {MAX_DROPPED_SEQS} per frame")
+    if not all(_is_int(s) and 0 <= s < seq for s in dropped):
+        raise FrameError("frame header dropped_seqs must be earlier sequence numbers of the same producer")
+    try:  # these two name files and directories: refuse anything a path could be built from
+        check_frame_id(header["frame_id"])
+        check_run_id(header["run"])
+    except SchemaError as exc:
+        raise FrameError(str(exc)) from None
+    producer = header["producer"]
+    if not producer or len(producer) > MAX_PRODUCER_LEN or not producer.isprintable():
+        raise FrameError(f"frame header producer {producer[:80]!r} must be 1..{MAX_PRODUCER_LEN} printable characters")
     if not isinstance(header.get("meta", {}), dict):
         raise FrameError("frame header field 'meta' is not an object")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _check_rows(name: str, table: pa.Table, run: str) -> None:

@@ -14,7 +14,9 @@ import re
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
-RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,199}$")
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,199}")
+# Frame ids name segment files: exactly a uuid4 in hex, nothing a path could be built from.
+FRAME_ID = re.compile(r"[0-9a-f]{32}")
 
 _CONTEXT = [
     pa.field("run", pa.string(), nullable=False),
@@ -32,6 +34,9 @@ _TOKEN = [
 _DOMAIN = pa.field("domain", pa.string(), nullable=True)
 # "prefill" / "decode" in serving, "train" / "eval" otherwise.
 _PHASE = pa.field("phase", pa.string(), nullable=True)
+# Rows of a probe-set replay name the probe set, and their `seq` is the sequence's index
+# in it, so (probe_set, seq, pos) is one token in every checkpoint; null for other rows.
+_PROBE_SET = pa.field("probe_set", pa.string(), nullable=True)
 
 ROUTING = pa.schema(
     _CONTEXT
@@ -43,6 +48,7 @@ ROUTING = pa.schema(
         pa.field("dropped", pa.bool_(), nullable=False),
         _DOMAIN,
         _PHASE,
+        _PROBE_SET,
     ]
 )
 
@@ -55,6 +61,7 @@ TOKEN_STATS = pa.schema(
         pa.field("margin", pa.float32(), nullable=False),
         _DOMAIN,
         _PHASE,
+        _PROBE_SET,
     ]
 )
 
@@ -81,10 +88,17 @@ def empty_tables() -> dict[str, pa.Table]:
 
 
 def conform(name: str, table: pa.Table) -> pa.Table:
-    """Cast `table` to the contract of `name`; raises SchemaError naming what is wrong."""
+    """Cast `table` to the contract of `name`; raises SchemaError naming what is wrong.
+
+    A missing nullable column (one added to the contract after the table was written)
+    is filled with nulls, so older frames and segments still load.
+    """
     schema = TABLES.get(name)
     if schema is None:
         raise SchemaError(f"unknown table {name!r}; expected one of {sorted(TABLES)}")
+    for field in schema:
+        if field.nullable and field.name not in table.column_names:
+            table = table.append_column(field.name, pa.nulls(table.num_rows, field.type))
     missing = [f.name for f in schema if f.name not in table.column_names]
     if missing:
         raise SchemaError(f"table {name!r} is missing column(s) {missing}")
@@ -104,8 +118,14 @@ class SchemaError(ValueError):
     """A frame or table that does not follow the record contract."""
 
 
+def check_frame_id(frame_id: str) -> str:
+    if not isinstance(frame_id, str) or not FRAME_ID.fullmatch(frame_id):
+        raise SchemaError(f"invalid frame id {str(frame_id)[:80]!r}: must be 32 lowercase hex digits (a uuid4)")
+    return frame_id
+
+
 def check_run_id(run: str) -> str:
     """Run ids name directories and URL paths, so they are kept to a safe alphabet."""
-    if not isinstance(run, str) or not RUN_ID.match(run):
+    if not isinstance(run, str) or not RUN_ID.fullmatch(run):
         raise SchemaError(f"invalid run id {run!r}: use letters, digits and . _ : + - (at most 200, not starting with a symbol)")
     return run

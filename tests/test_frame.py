@@ -45,10 +45,22 @@ def _with_header(data: bytes, **changes) -> bytes:
 
 @pytest.mark.parametrize("changes, message", [
     ({"schema_version": 99}, "unsupported schema_version"),
-    ({"seq": -1}, "negative sequence"),
-    ({"run": ""}, "empty run"),
+    ({"seq": -1}, "seq -1 is outside"),
+    ({"seq": 2**40}, "outside 0..2147483647"),
+    ({"run": ""}, "invalid run id"),
+    ({"run": "r\n"}, "invalid run id"),
+    ({"run": "../r"}, "invalid run id"),
     ({"producer": 5}, "producer"),
+    ({"producer": "p\r\nx"}, "printable"),
+    ({"producer": "p" * 201}, "printable"),
     ({"run": "other"}, "run other than"),
+    ({"frame_id": "../run=victim/0123"}, "invalid frame id"),
+    ({"frame_id": "ABCDEF0123456789ABCDEF0123456789"}, "invalid frame id"),
+    ({"frame_id": "0" * 31}, "invalid frame id"),
+    ({"dropped_seqs": [0]}, "earlier sequence numbers"),
+    ({"seq": 10, "dropped_seqs": list(range(5)) * 20_000}, "at most 65536"),
+    ({"tables": [{"name": "expert_step", "length": 0, "rows": 2**30}]}, "declares 1073741824 rows"),
+    ({"tables": ["x"]}, "bad table entry"),
 ])
 def test_bad_headers_are_refused_with_the_reason(changes, message):
     data = encode(Frame(run="r", producer="p", seq=0, tables={"expert_step": expert_step()}))
@@ -82,3 +94,10 @@ def test_run_ids_are_kept_to_a_safe_alphabet():
     for bad in ("", "../x", "a/b", "a b", "-x"):
         with pytest.raises(SchemaError, match="invalid run id"):
             check_run_id(bad)
+
+
+def test_a_frame_that_decodes_past_the_byte_bound_is_refused_before_it_is_whole():
+    data = encode(Frame(run="r", producer="p", seq=0, tables={"expert_step": expert_step(n=4096)}))
+    with pytest.raises(FrameError, match="decodes to more than 1000 bytes"):
+        decode(data, max_decoded_bytes=1000)
+    assert decode(data).tables["expert_step"].num_rows == 4096
