@@ -57,14 +57,16 @@ def step_tables(rows: int, step: int, seed: int) -> dict[str, pa.Table]:
         "slot": np.tile(np.arange(K, dtype=np.int8), n_tl), "expert": experts_N,
         "weight": rng.random(n_tl * K, dtype=np.float32), "dropped": rng.random(n_tl * K) < 0.02,
         "domain": pa.array(["web"]).take(np.zeros(n_tl * K, np.int64)),
-        "phase": pa.array(["train"]).take(np.zeros(n_tl * K, np.int64))}, schema=ROUTING)
+        "phase": pa.array(["train"]).take(np.zeros(n_tl * K, np.int64)), "probe_set": pa.nulls(n_tl * K, pa.string())},
+        schema=ROUTING)
     token_stats = pa.Table.from_pydict({
         "run": common["run"].slice(0, n_tl), "checkpoint": common["checkpoint"].slice(0, n_tl),
         "step": np.full(n_tl, step), "rank": np.zeros(n_tl, np.int32), "microbatch": np.zeros(n_tl, np.int32),
         "seq": (pos_TL // 2048).astype(np.int32), "pos": pos_TL, "token_id": tok_TL, "layer": layer_TL,
         "entropy": rng.random(n_tl, dtype=np.float32) * 2, "logsumexp": rng.random(n_tl, dtype=np.float32),
         "margin": rng.random(n_tl, dtype=np.float32), "domain": pa.array(["web"]).take(np.zeros(n_tl, np.int64)),
-        "phase": pa.array(["train"]).take(np.zeros(n_tl, np.int64))}, schema=TOKEN_STATS)
+        "phase": pa.array(["train"]).take(np.zeros(n_tl, np.int64)), "probe_set": pa.nulls(n_tl, pa.string())},
+        schema=TOKEN_STATS)
     n_le = LAYERS * E
     expert_step = pa.Table.from_pydict({
         "run": [RUN] * n_le, "checkpoint": ["step-0"] * n_le, "step": [step] * n_le, "rank": [0] * n_le,
@@ -92,7 +94,8 @@ def naive_token(message: dict) -> None:
     cols = {"run": [message["run"]] * k, "checkpoint": ["step-0"] * k, "step": [message["step"]] * k, "rank": [0] * k,
             "microbatch": [0] * k, "seq": [0] * k, "pos": [message["pos"]] * k, "token_id": [message["token_id"]] * k,
             "layer": [message["layer"]] * k, "slot": list(range(k)), "expert": message["experts"],
-            "weight": message["weights"], "dropped": [False] * k, "domain": [None] * k, "phase": ["train"] * k}
+            "weight": message["weights"], "dropped": [False] * k, "domain": [None] * k, "phase": ["train"] * k,
+            "probe_set": [None] * k}
     _naive_store.write_frame(Frame(run=message["run"], producer=message["producer"], seq=message["seq"],
                                    tables={"routing": pa.Table.from_pydict(cols, schema=ROUTING)}))
 

@@ -45,9 +45,11 @@ def frame_tables(rng: np.random.Generator, steps: range) -> dict[str, pa.Table]:
                            for c, v in ctx.items()},
                         "slot": np.tile(np.arange(K, dtype=np.int8), n_tok), "expert": np.stack([e1, e2], 1).ravel().astype(np.int16),
                         "weight": rng.random(n_tok * K, dtype=np.float32), "dropped": rng.random(n_tok * K) < 0.02,
-                        "domain": rep(domain), "phase": pa.array(["train"] * (n_tok * K))}, schema=ROUTING)
+                        "domain": rep(domain), "phase": pa.array(["train"] * (n_tok * K)),
+                        "probe_set": pa.nulls(n_tok * K, pa.string())}, schema=ROUTING)
     stats = pa.table({**ctx, "entropy": rng.random(n_tok, dtype=np.float32) * 2, "logsumexp": rng.random(n_tok, dtype=np.float32),
-                      "margin": rng.random(n_tok, dtype=np.float32), "domain": domain, "phase": pa.array(["train"] * n_tok)},
+                      "margin": rng.random(n_tok, dtype=np.float32), "domain": domain, "phase": pa.array(["train"] * n_tok),
+                      "probe_set": pa.nulls(n_tok, pa.string())},
                      schema=TOKEN_STATS)
     rows = []
     for s in steps:

@@ -1,8 +1,9 @@
 """`moescope demo`: train the reference MoE on the bundled corpus with the probe attached.
 
-Records every routing decision of training into the store, saves checkpoints as it
-goes, then replays a fixed held-out probe set through every checkpoint so drift
-between checkpoints can be compared on the same tokens.
+Records every routing decision of training into the store, saves checkpoints (with
+their model config, so `moescope replay` can rebuild them) as it goes, then registers
+a held-out probe set of the corpus and replays it through every checkpoint, so drift
+between checkpoints is measured on exactly the same tokens.
 """
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ from pathlib import Path
 import torch
 
 from moescope.collector.store import Store, check_run_id
-
-PROBE_SET_SEED = 10_000  # held-out sequences for replay, disjoint seed from training
+from moescope.probe_sets import CORPUS_SEED as PROBE_SET_SEED  # held-out sequences, a seed disjoint from training
 
 
 def demo_model_config(backend: str = "torch"):
@@ -65,8 +65,7 @@ def run_demo(store: Store, *, steps: int = 60, run: str | None = None, seed: int
                 store.add_checkpoint(run, name, step, str(saved[-1][2]))
                 probe.set_checkpoint(name, step=step)
         train_stats = probe.stats()
-    replay_rows = replay_checkpoints(store, run, [(n, s, p) for n, s, p in saved], backend=backend, seq_len=seq_len,
-                                     progress=progress)
+    replay_rows = replay_checkpoints(store, run, saved, seq_len=seq_len, progress=progress)
     elapsed = time.perf_counter() - started
     layers = len(store.layers(run))
     return (f"run {run}: {steps} steps, {tokens:,} tokens x {layers} MoE layers recorded, {len(saved)} checkpoints, "
@@ -75,32 +74,33 @@ def run_demo(store: Store, *, steps: int = 60, run: str | None = None, seed: int
             f"look: moescope serve --store {store.root}")
 
 
-def replay_checkpoints(store: Store, run: str, saved: list[tuple[str, int, Path]], *, backend: str = "torch",
-                       seq_len: int = 128, sequences_per_domain: int = 4, progress: bool = True) -> int:
-    """Run the same held-out probe tokens through every checkpoint, recorded with phase 'eval'."""
+def replay_checkpoints(store: Store, run: str, saved: list[tuple[str, int, Path]], *, seq_len: int = 128,
+                       sequences_per_domain: int = 4, progress: bool = True) -> int:
+    """Register the held-out corpus probe set and replay it through every checkpoint; returns tokens replayed.
+
+    Each replay is recorded with phase 'eval', tagged with the probe set, so drift
+    metrics compare checkpoints on exactly these tokens.
+    """
     from tqdm.auto import tqdm
 
-    from moescope.corpus import batches, build_corpus
-    from moescope.kernels import MoETransformer
-    from moescope.probe import attach
+    from moescope.probe.replay import load_reference_checkpoint, replay
+    from moescope.probe_sets import ProbeSet
 
-    probe_set = list(batches(build_corpus(seq_len=seq_len, sequences_per_domain=sequences_per_domain, seed=PROBE_SET_SEED),
-                             batch_size=64, generator=torch.Generator().manual_seed(PROBE_SET_SEED)))
-    model = MoETransformer.from_config(demo_model_config(backend), seed=0)
-    model.eval()
+    name = demo_probe_set_name(seq_len)
+    store.register_probe_set(name, ProbeSet.from_corpus(seq_len=seq_len, sequences_per_domain=sequences_per_domain))
     tokens = 0
-    for name, step, path in tqdm(saved, desc="replaying probe set", unit="ckpt", disable=not progress):
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        with attach(model, sink=f"local:{store.root}", run=run, checkpoint=name, step=step, producer=f"replay-{run}-{name}") as probe:
-            with torch.no_grad():
-                for input_ids, attention_mask, domains in probe_set:
-                    probe.set_domains(domains)
-                    model(input_ids, attention_mask=attention_mask)
-                    tokens += int(attention_mask.sum())
+    for ckpt, step, path in tqdm(saved, desc="replaying probe set", unit="ckpt", disable=not progress):
+        model, _ = load_reference_checkpoint(path)
+        tokens += replay(model, store, name, run=run, checkpoint=ckpt, step=step, path=str(path), batch_size=64)["tokens"]
     return tokens
 
 
+def demo_probe_set_name(seq_len: int = 128) -> str:
+    """The demo's probe set: held-out sequences of the bundled corpus (registered once per store)."""
+    return f"corpus-{seq_len}"
+
+
 def _save(model, ckpt_dir: Path, step: int) -> Path:
-    path = ckpt_dir / f"step-{step}.pt"
-    torch.save(model.state_dict(), path)
-    return path
+    from moescope.probe.replay import save_reference_checkpoint
+
+    return save_reference_checkpoint(model, ckpt_dir / f"step-{step}.pt", step)

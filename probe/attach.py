@@ -41,6 +41,8 @@ class _Forward:
     domains: list | None
     pos_offset: int
     per_token: bool
+    probe_set: str | None = None
+    probe_first: int = 0
 
 
 @dataclass
@@ -129,6 +131,18 @@ class Probe:
             raise TypeError(f"set_domains() takes one label per sequence (a list), got {type(domains).__name__}")
         with self.ctx.lock:
             self.ctx.domains = list(domains) if domains is not None else None
+
+    def set_probe_set(self, name: str | None, first_sequence: int = 0) -> None:
+        """The next forward call's sequences are sequences first_sequence, first_sequence + 1, ...
+        of probe set `name`: its rows carry probe_set = name and seq = the index in the set."""
+        if name is not None:
+            from moescope.probe_sets import check_probe_set_name
+
+            check_probe_set_name(name)
+        if isinstance(first_sequence, bool) or not isinstance(first_sequence, int) or first_sequence < 0:
+            raise ValueError(f"first_sequence must be an int >= 0, got {first_sequence!r}")
+        with self.ctx.lock:
+            self.ctx.probe_set, self.ctx.probe_first = name, first_sequence
 
     def set_checkpoint(self, name: str, step: int | None = None, path: str | None = None) -> None:
         if not isinstance(name, str) or not name:
@@ -310,10 +324,12 @@ class Probe:
                         and inputs.mask_BM.shape[1] > inputs.length):
                     phase = "decode"
             domains, ctx.domains = ctx.domains, None
+            probe_set, ctx.probe_set = ctx.probe_set, None
             microbatch = ctx.microbatch
             ctx.microbatch += 1
             fwd = _Forward(inputs, ctx.checkpoint, ctx.step, ctx.rank, microbatch, phase, domains, pos_offset,
-                           per_token=self.sample_rate > 0 and self._host_bytes + self._pending_bytes < self.max_host_bytes)
+                           per_token=self.sample_rate > 0 and self._host_bytes + self._pending_bytes < self.max_host_bytes,
+                           probe_set=probe_set, probe_first=ctx.probe_first)
         for _, state in self._pairs:
             state.used_in_forward = False
             state.calls = []
@@ -350,7 +366,8 @@ class Probe:
                             phase=fwd.phase, domains=fwd.domains, batch=inputs.batch if inputs else 1,
                             length=inputs.length if inputs else 0, pos_offset=fwd.pos_offset,
                             input_ids_BS=None, mask_BM=None, cache_position_S=None,
-                            reserved_bytes=agg_bytes + (token_bytes if per_token else 0))
+                            reserved_bytes=agg_bytes + (token_bytes if per_token else 0),
+                            probe_set=fwd.probe_set, probe_first=fwd.probe_first)
         if inputs is not None:
             hosts, event = self._copier.copy(input_tensors)
             rec.events.append(event)

@@ -44,6 +44,8 @@ class StepContext:
     rank: int
     microbatch: int = 0
     domains: list | None = None
+    probe_set: str | None = None  # the next forward's sequences are probe-set sequences
+    probe_first: int = 0          # ... whose first is this index of the probe set
     generating: bool = False      # inside probe.generate(): phases become prefill / decode
     generate_calls: int = 0       # forwards so far in the current generate()
     generate_offset: int = 0      # positions already consumed in the current generate()

@@ -55,6 +55,8 @@ class ForwardRecord:
     sites: list[SiteRecord] = field(default_factory=list)
     events: list = field(default_factory=list)
     reserved_bytes: int = 0
+    probe_set: str | None = None  # probe-set rows: seq becomes probe_first + the index in the batch
+    probe_first: int = 0
 
 
 def default_producer(rank: int) -> str:
@@ -174,6 +176,8 @@ class Framer:
             cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
             n = cols["seq"].size
             dom = cols.pop("domain_idx")
+            if rec.probe_set is not None:
+                cols["seq"] = cols["seq"] + np.int32(rec.probe_first)
             table = pa.table({
                 "run": _strings([self.run], np.zeros(n, np.int32)),
                 "checkpoint": _strings([rec.checkpoint], np.zeros(n, np.int32)),
@@ -183,6 +187,8 @@ class Framer:
                 **{k: pa.array(v) for k, v in cols.items()},
                 "domain": _strings(domain_values, dom),
                 "phase": _strings([rec.phase], np.zeros(n, np.int32)),
+                "probe_set": (_strings([rec.probe_set], np.zeros(n, np.int32)) if rec.probe_set is not None
+                              else pa.nulls(n, pa.string())),
             })
             table = table.select(schema.names).cast(schema)
             sink.append(table)

@@ -38,6 +38,7 @@ class StepData:
     checkpoint: str
     token_ids_T: np.ndarray
     layers: list[LayerStep] = field(default_factory=list)
+    probe_set: str | None = None  # rows of a probe-set replay
 
 
 def token_columns(run: str, s: StepData) -> dict:
@@ -45,7 +46,8 @@ def token_columns(run: str, s: StepData) -> dict:
     pos_T = np.tile(np.arange(POSITIONS, dtype=np.int32), SEQS)
     return {"run": [run] * T, "checkpoint": [s.checkpoint] * T, "step": np.full(T, s.step, np.int64),
             "rank": np.zeros(T, np.int32), "microbatch": np.zeros(T, np.int32), "seq": seq_T, "pos": pos_T,
-            "token_id": s.token_ids_T.astype(np.int32), "domain": [DOMAINS[q] for q in seq_T], "phase": ["train"] * T}
+            "token_id": s.token_ids_T.astype(np.int32), "domain": [DOMAINS[q] for q in seq_T], "phase": ["train"] * T,
+            "probe_set": [s.probe_set] * T}
 
 
 def make_layer_tables(run: str, s: StepData, ls: LayerStep, routing_rows: np.ndarray | None = None) -> dict[str, pa.Table]:

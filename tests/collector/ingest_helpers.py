@@ -138,7 +138,7 @@ def routing_table(run: str, n: int, seed: int, step: int = 0) -> pa.Table:
         "pos": rng.integers(0, 64, n, dtype=np.int32), "token_id": rng.integers(0, 256, n, dtype=np.int32),
         "layer": rng.integers(0, 2, n).astype(np.int16), "slot": np.zeros(n, np.int8),
         "expert": rng.integers(0, 8, n).astype(np.int16), "weight": rng.random(n, dtype=np.float32),
-        "dropped": rng.random(n) < 0.1, "domain": ["code"] * n, "phase": ["train"] * n,
+        "dropped": rng.random(n) < 0.1, "domain": ["code"] * n, "phase": ["train"] * n, "probe_set": [None] * n,
     }
     return pa.Table.from_pydict(cols, schema=ROUTING)
 
