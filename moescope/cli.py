@@ -87,6 +87,22 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_replay(args) -> int:
+    from moescope.probe.replay import replay_checkpoint_files
+
+    store = _store(args)
+    if args.from_corpus:
+        from moescope.probe_sets import ProbeSet
+
+        store.register_probe_set(args.probe_set, ProbeSet.from_corpus())
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
+    for done in replay_checkpoint_files(store, args.run, args.probe_set, args.checkpoint, batch_size=args.batch_size):
+        print(f"replayed probe set {args.probe_set} through {args.run}/{done['checkpoint']} (step {done['step']}): "
+              f"{done['tokens']:,} tokens x {done['layers']} MoE layers")
+    return 0
+
+
 def cmd_worker(args) -> int:
     from moescope.collector.celery_app import run_worker
 
@@ -166,6 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run")
     export.add_argument("--out", required=True, help="output .duckdb file (must not exist)")
     export.set_defaults(func=cmd_export)
+
+    replay = sub.add_parser("replay", parents=[common],
+                            help="replay a registered probe set through checkpoints of the reference model")
+    replay.add_argument("--run", required=True, help="run the replays are recorded in (a model version)")
+    replay.add_argument("--probe-set", required=True, help="name of a probe set registered in the store")
+    replay.add_argument("--checkpoint", required=True, action="append", metavar="PATH",
+                        help="checkpoint file (repeat for several); written by the demo or save_reference_checkpoint")
+    replay.add_argument("--from-corpus", action="store_true",
+                        help="first register the probe set from the bundled corpus (held-out sequences)")
+    replay.add_argument("--batch-size", type=int, default=16)
+    replay.set_defaults(func=cmd_replay)
+
+    resend = sub.add_parser("resend", parents=[common], help="deliver the frames a dead producer left in its spool")
+    resend.add_argument("directory", help="spool directory (as printed by the probe) or one producer's folder in it")
+    resend.add_argument("--broker", default=None, help="Redis URL (default $MOESCOPE_BROKER_URL)")
+    resend.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the store's acknowledgements")
+    resend.set_defaults(func=cmd_resend)
 
     worker = sub.add_parser("worker", parents=[common], help="Celery ingest worker")
     worker.add_argument("--concurrency", type=int, default=1, help="Celery task concurrency (scheduled tasks)")
