@@ -34,14 +34,22 @@ def get_run(run: str, store: StoreDep) -> str:
 RunDep = Annotated[str, Depends(get_run)]
 
 
-def require_token(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:
-    """Writes need `Authorization: Bearer <api_token>` when a token is configured; reads stay open."""
+def has_token(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> bool:
+    """True when no token is configured or the request carries it (reads use it to decide what to reveal)."""
     expected = settings.api_token
     if not expected:
-        return
+        return True
     scheme, _, given = (authorization or "").partition(" ")
     # Constant-time comparison so the token cannot be guessed byte by byte from timings.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected.encode())
+
+
+Authenticated = Annotated[bool, Depends(has_token)]
+
+
+def require_token(authenticated: Authenticated) -> None:
+    """Writes need `Authorization: Bearer <api_token>` when a token is configured; reads stay open."""
+    if not authenticated:
         raise HTTPException(status_code=401, detail="missing or wrong bearer token (Authorization: Bearer <MOESCOPE_API_TOKEN>)",
                             headers={"WWW-Authenticate": "Bearer"})
 

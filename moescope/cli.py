@@ -124,28 +124,62 @@ def cmd_alerts(args) -> int:
 
     from moescope.analysis import alerts
 
-    store = _store(args)
+    # Only `add` may create a store: the others read, or write to rules that must already exist.
+    store = _store(args, create=args.action == "add")
+    if args.action in ("delete", "test"):
+        # RULE is resolved as the API resolves /api/alerts/{rule}; --name is always a name.
+        ref = args.rule if args.rule is not None else args.name
+        if ref is None:
+            raise CliError(f"alerts {args.action} needs a RULE (its id or name)")
+        rule = alerts.get_rule(store, alerts.rule_key(ref) if args.rule is not None else ref)
+        if rule is None:
+            raise CliError(f"no alert rule {ref!r}")
     if args.action == "list":
         rules = alerts.list_rules(store)
         print(pd.DataFrame(rules).to_string(index=False) if rules else "no alert rules")
     elif args.action == "add":
+        missing = [flag for flag, v in (("--name", args.name), ("--metric", args.metric), ("--threshold", args.threshold))
+                   if v is None]
+        if missing:
+            raise CliError(f"alerts add needs {', '.join(missing)}")
         rule = alerts.add_rule(store, name=args.name, metric=args.metric, comparison=args.comparison,
-                               threshold=args.threshold, run=args.run, layer=args.layer, window_steps=args.window,
-                               for_evaluations=args.for_evaluations, webhook=args.webhook)
-        print(f"added rule {rule}")
+                               threshold=args.threshold, run=args.run, layer=args.layer, expert=args.expert,
+                               aggregation=args.aggregation, window_steps=args.window, ema_alpha=args.ema_alpha,
+                               ema_span=args.ema_span, for_evaluations=args.for_evaluations, webhook=args.webhook)
+        print(f"added rule {rule['id']} {rule['name']!r}: {_describe_rule(rule)}")
     elif args.action == "delete":
-        if not args.name:
-            raise CliError("alerts delete needs --name")
-        if not alerts.delete_rule(store, args.name):
-            raise CliError(f"no alert rule named {args.name!r}")
-        print(f"deleted rule {args.name}")
+        alerts.delete_rule(store, rule["id"])
+        print(f"deleted rule {rule['id']} {rule['name']!r}")
     elif args.action == "events":
-        events = alerts.list_events(store)
+        events = alerts.list_events(store, run=args.run)
         print(pd.DataFrame(events).to_string(index=False) if events else "no alert events")
     elif args.action == "evaluate":
         events = alerts.evaluate_alerts(store)
         print(f"{len(events)} new event(s)")
+    elif args.action == "test":
+        if args.run is None:
+            raise CliError("alerts test needs --run RUN")
+        series = alerts.rule_series(store, rule, args.run)
+        print(f"rule {rule['id']} {rule['name']!r}: {_describe_rule(rule)}")
+        if series.empty:
+            print(f"run {args.run!r} has no data for this rule")
+            return 0
+        span = f"steps {series.step.iloc[0]}..{series.step.iloc[-1]} ({len(series)} evaluated)"
+        transitions = alerts.replay(store, rule, args.run)
+        if not transitions:
+            print(f"over {span} of run {args.run!r} it would never have fired")
+        else:
+            print(f"over {span} of run {args.run!r}:")
+            print(pd.DataFrame(transitions)[["step", "state", "value", "threshold"]].to_string(index=False))
     return 0
+
+
+def _describe_rule(rule: dict) -> str:
+    where = " ".join(f"{k} {rule[k]}" for k in ("run", "layer", "expert") if rule.get(k) is not None) or "every run"
+    agg = {"step": "per step", "window": f"over a rolling window of {rule['window_steps']} steps",
+           "ema": f"as an exponential moving average (alpha {rule.get('ema_alpha')})"}[rule["aggregation"]]
+    return (f"{rule['metric']} {agg} {rule['comparison']} {rule['threshold']:g} ({where}), "
+            f"firing after {rule['for_evaluations']} consecutive step(s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,16 +240,23 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker)
     sub.add_parser("beat", parents=[common], help="Celery scheduler (compaction, retention, alerts)").set_defaults(func=cmd_beat)
 
-    alerts = sub.add_parser("alerts", parents=[common], help="list / add / delete alert rules, show events")
-    alerts.add_argument("action", choices=["list", "add", "delete", "events", "evaluate"])
-    alerts.add_argument("--name")
-    alerts.add_argument("--metric")
-    alerts.add_argument("--comparison", default=">")
+    alerts = sub.add_parser("alerts", parents=[common],
+                            help="list / add / delete / test alert rules, evaluate them, show events")
+    alerts.add_argument("action", choices=["list", "add", "delete", "events", "evaluate", "test"])
+    alerts.add_argument("rule", nargs="?", help="delete / test: the rule's id (digits) or name")
+    alerts.add_argument("--name", help="add: the new rule's name (not all digits); delete: the rule to delete")
+    alerts.add_argument("--metric", help="add: maxvio, dead_experts, drop_rate, entropy or cv")
+    alerts.add_argument("--comparison", default=">", choices=[">", ">=", "<", "<="])
     alerts.add_argument("--threshold", type=float)
-    alerts.add_argument("--run")
+    alerts.add_argument("--run", help="add: only this run; test: the run to replay; events: only this run")
     alerts.add_argument("--layer", type=int)
-    alerts.add_argument("--window", type=int, default=50)
-    alerts.add_argument("--for-evaluations", type=int, default=1)
+    alerts.add_argument("--expert", type=int)
+    alerts.add_argument("--aggregation", default="window", choices=["step", "window", "ema"],
+                        help="the series compared: each step, a rolling window, or a moving average (default window)")
+    alerts.add_argument("--window", type=int, default=None, help="aggregation window: steps pooled (default 50)")
+    alerts.add_argument("--ema-alpha", type=float, help="aggregation ema: weight of the newest step (0 < alpha <= 1)")
+    alerts.add_argument("--ema-span", type=float, help="aggregation ema: span N, alpha = 2 / (N + 1)")
+    alerts.add_argument("--for-evaluations", type=int, default=1, help="consecutive breaching steps before firing")
     alerts.add_argument("--webhook")
     alerts.set_defaults(func=cmd_alerts)
     return parser

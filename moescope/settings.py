@@ -23,6 +23,7 @@ class Settings(BaseSettings):
     compact_interval_s: float = Field(60.0, description="How often beat schedules segment compaction.")
     retention_days: float | None = Field(None, description="Drop runs older than this many days (None keeps everything).")
     alert_interval_s: float = Field(30.0, description="How often beat schedules alert evaluation.")
+    webhook_allowed_hosts: list[str] = Field(default_factory=list, description="Hosts alert webhooks may post to, as glob patterns (e.g. [\"hooks.slack.com\", \"*.corp.example\"]); empty allows any host. Checked when a rule is created and at each delivery.")
 
 
 def get_settings(**overrides) -> Settings:
