@@ -10,12 +10,13 @@ process use several cores.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 import redis
 from celery import bootsteps
 
-from moescope.collector.store import Store, StoreError
+from moescope.collector.store import MetadataUnusable, Store, StoreError
 from moescope.collector.stream import TRANSIENT, StreamIngestor, consumer_name, wait_for_redis
 from moescope.settings import Settings
 
@@ -28,11 +29,16 @@ class IngestService:
             raise ValueError(f"ingest threads must be >= 1, got {threads}")
         self.settings, self.threads, self.claim_idle_ms = settings, threads, claim_idle_ms
         self.stop_event = threading.Event()
-        self.ingestors: list[StreamIngestor] = []
         self._threads: list[threading.Thread] = []
-        self.store: Store | None = None
 
     def start(self) -> None:
+        """Start the consumer threads; MetadataUnusable (the worker must not run) when the store can never open."""
+        try:  # a store that can never work fails the worker now, not silently in its threads
+            Store(self.settings.store, self.settings.database_url).close()
+        except MetadataUnusable:
+            raise
+        except StoreError as exc:
+            log.warning("ingest: store not ready yet (%s); consumer threads will retry", exc)
         for i in range(self.threads):
             t = threading.Thread(target=self._run, args=(i,), name=f"moescope-ingest-{i}", daemon=True)
             t.start()
@@ -43,12 +49,22 @@ class IngestService:
         while not self.stop_event.is_set():
             try:
                 return Store(self.settings.store, self.settings.database_url)
+            except MetadataUnusable:
+                raise
             except StoreError as exc:
                 log.warning("ingest: store not ready (%s); retrying", exc)
                 self.stop_event.wait(2.0)
         return None
 
     def _run(self, index: int) -> None:
+        try:
+            self._consume(index)
+        except BaseException:  # noqa: BLE001 - a dead consumer must not leave a worker that looks healthy
+            log.critical("ingest: consumer thread %d died; stopping the worker so it is restarted", index, exc_info=True)
+            logging.shutdown()
+            os._exit(3)  # pending frames stay in the group; another worker claims them, as after kill -9
+
+    def _consume(self, index: int) -> None:
         store = self._open_store()
         if store is None:
             return
@@ -56,7 +72,6 @@ class IngestService:
                                       health_check_interval=10)
         ingestor = StreamIngestor(store, client, self.settings.stream, self.settings.dead_letter_stream,
                                   consumer_name(index), claim_idle_ms=self.claim_idle_ms)
-        self.ingestors.append(ingestor)
         while not self.stop_event.is_set():
             if not wait_for_redis(client, self.stop_event):
                 break

@@ -58,6 +58,10 @@ class ProbeSetConflict(StoreError):
     """Other content under a probe-set name that is already registered."""
 
 
+class MetadataUnusable(StoreError):
+    """The metadata DB can never be used as configured (not a database, read-only, bad credentials)."""
+
+
 class FrameConflict(StoreError):
     """A frame whose (producer, seq) is already stored under another frame id: never stored, never merged."""
 
@@ -340,15 +344,19 @@ class Store(AlertRecords):
         """
         con = duckdb.connect(":memory:")
         live = self._live_segments(run)
-        for name, schema in TABLES.items():
-            paths = live.get(name)
-            if paths:
-                src = f"read_parquet({_sql_list(paths)}, union_by_name=true)"
-                nulls = _null_columns(con, src, schema) if fill_missing else ""
-                con.execute(f"CREATE VIEW {name} AS SELECT *{nulls} FROM {src}")
-            else:
-                con.register(f"_empty_{name}", schema.empty_table())
-                con.execute(f"CREATE VIEW {name} AS SELECT * FROM _empty_{name}")
+        try:
+            for name, schema in TABLES.items():
+                paths = live.get(name)
+                if paths:
+                    src = f"read_parquet({_sql_list(paths)}, union_by_name=true)"
+                    nulls = _null_columns(con, src, schema) if fill_missing else ""
+                    con.execute(f"CREATE VIEW {name} AS SELECT *{nulls} FROM {src}")
+                else:
+                    con.register(f"_empty_{name}", schema.empty_table())
+                    con.execute(f"CREATE VIEW {name} AS SELECT * FROM _empty_{name}")
+        except BaseException:
+            con.close()
+            raise
         return con
 
     def _query(self, fn, run: str | None):
@@ -356,8 +364,9 @@ class Store(AlertRecords):
         tried: set[str] = set()
         fill = False
         while True:
-            con = self.connect(run, fill_missing=fill)
+            con = None
             try:
+                con = self.connect(run, fill_missing=fill)
                 return fn(con)
             except duckdb.Error as exc:
                 if isinstance(exc, duckdb.BinderException) and not fill:
@@ -369,7 +378,8 @@ class Store(AlertRecords):
                 tried.add(rel)
                 self.verify_segments(run, paths=[rel])
             finally:
-                con.close()
+                if con is not None:
+                    con.close()
 
     def _segment_named_in(self, message: str, run: str | None) -> str | None:
         q = select(md.segments.c.path)
@@ -716,12 +726,12 @@ def _engine_with_retry(url: str, attempts: int = 20):
         except (IntegrityError, OperationalError) as exc:
             msg = str(exc.orig if getattr(exc, "orig", None) is not None else exc)
             if any(p in msg for p in _PERMANENT_DB_ERRORS):
-                raise StoreError(f"cannot open metadata database {_safe_url(url)}: {msg.splitlines()[0]}") from None
+                raise MetadataUnusable(f"cannot open metadata database {_safe_url(url)}: {msg.splitlines()[0]}") from None
             last = exc
             time.sleep(0.1 * (i + 1))
         except DatabaseError as exc:
             msg = str(exc.orig if getattr(exc, "orig", None) is not None else exc).splitlines()[0]
-            raise StoreError(f"cannot open metadata database {_safe_url(url)}: {msg}") from None
+            raise MetadataUnusable(f"cannot open metadata database {_safe_url(url)}: {msg}") from None
         except Exception as exc:  # ProgrammingError "already exists" under races
             if "already exists" not in str(exc):
                 raise

@@ -45,7 +45,7 @@ def create_app(store: Store, settings: Settings | None = None, *, refresh_ms: in
         """Prometheus text exposition: frames and routing rows per run, alerts firing now."""
         return PlainTextResponse(prometheus.exposition(store), media_type=prometheus.CONTENT_TYPE)
 
-    dash_app = create_dash(store, requests_prefix=DASH_PREFIX, refresh_ms=refresh_ms)
+    dash_app = create_dash(store, requests_prefix=DASH_PREFIX, refresh_ms=refresh_ms, settings=app.state.settings)
     app.state.dash = dash_app
     app.mount(DASH_PREFIX.rstrip("/"), WSGIMiddleware(dash_app.server))
     return app
@@ -53,6 +53,14 @@ def create_app(store: Store, settings: Settings | None = None, *, refresh_ms: in
 
 def serve(store: Store, host: str = "127.0.0.1", port: int = 8050, *, settings: Settings | None = None) -> None:
     """Run the API and dashboard with uvicorn until interrupted."""
+    import sys
+
     import uvicorn
 
+    from moescope.dashboard.deps import is_loopback
+
+    settings = (settings or get_settings()).model_copy(update={"host": host, "port": port})
+    if not settings.api_token and not is_loopback(host):
+        print(f"moescope: warning: listening on {host} with no MOESCOPE_API_TOKEN: reads are open to whoever reaches "
+              "the port, and writes (alert rules) are refused until a token is set", file=sys.stderr, flush=True)
     uvicorn.run(create_app(store, settings), host=host, port=port, log_level="info")

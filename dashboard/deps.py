@@ -47,8 +47,27 @@ def has_token(settings: SettingsDep, authorization: Annotated[str | None, Header
 Authenticated = Annotated[bool, Depends(has_token)]
 
 
-def require_token(authenticated: Authenticated) -> None:
-    """Writes need `Authorization: Bearer <api_token>` when a token is configured; reads stay open."""
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def require_token(authenticated: Authenticated, settings: SettingsDep) -> None:
+    """Writes need `Authorization: Bearer <api_token>` when a token is configured; reads stay open.
+
+    With no token configured, writes are accepted only from a server bound to loopback:
+    on any other address anyone who can reach the port could change alert rules.
+    """
+    if not settings.api_token and not is_loopback(settings.host):
+        raise HTTPException(status_code=403, detail=f"writes are disabled: the server listens on {settings.host} and no "
+                                                    "MOESCOPE_API_TOKEN is configured")
     if not authenticated:
         raise HTTPException(status_code=401, detail="missing or wrong bearer token (Authorization: Bearer <MOESCOPE_API_TOKEN>)",
                             headers={"WWW-Authenticate": "Bearer"})

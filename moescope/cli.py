@@ -48,16 +48,59 @@ def cmd_demo(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    return _serve(_store(args), args.host, args.port)
+    return _serve(_store(args, create=False), args.host, args.port)
 
 
 def _serve(store, host, port) -> int:
     from moescope.dashboard import serve
 
     settings = get_settings(host=host, port=port)
+    _check_port_free(settings.host, settings.port)
     print(f"moescope dashboard on http://{settings.host}:{settings.port}/  (store {store.root}; Ctrl-C to stop)", flush=True)
-    serve(store, settings.host, settings.port)
+    serve(store, settings.host, settings.port, settings=settings)
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A bad or busy address is one line before anything is printed, not a server that never starts."""
+    import socket
+
+    if not 0 < port < 65536:
+        raise CliError(f"--port must be in 1..65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise CliError(f"cannot serve on host {host!r}: {exc.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            raise CliError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def cmd_resend(args) -> int:
+    from moescope.probe.redis_sink import RedisSink
+
+    if not os.path.isdir(args.directory):
+        raise CliError(f"no spool directory at {args.directory!r}")
+    if args.timeout < 0:
+        raise CliError(f"--timeout must be >= 0, got {args.timeout}")
+    settings = get_settings(broker_url=args.broker)
+    # A producer's own folder (it holds *.frame files) or the spool root above it.
+    root = os.path.dirname(os.path.abspath(args.directory)) if any(
+        name.endswith(".frame") for name in os.listdir(args.directory)) else args.directory
+    sink = RedisSink(settings.broker_url, stream=settings.stream, spool_dir=root, close_timeout_s=args.timeout)
+    adopted = sink.stats["adopted"]
+    sink.wait_acked(args.timeout)
+    sink.close()
+    left, rejected = len(sink.unacked), len(sink.rejected)
+    print(f"{adopted} left-over frame(s) in {root}: {sink.stats['acked']} stored, {rejected} refused by the collector, "
+          f"{left} still waiting (kept in the spool)")
+    for producer, seq, reason in sink.rejected[:20]:
+        print(f"  refused {producer}/{seq}: {reason}")
+    return 0 if left == 0 and rejected == 0 else 1
 
 
 def cmd_runs(args) -> int:
