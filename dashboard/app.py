@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import warnings
 
+import moescope
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse, RedirectResponse
 
@@ -25,7 +26,7 @@ DASH_PREFIX = "/dash/"
 def create_app(store: Store, settings: Settings | None = None, *, refresh_ms: int = 5000) -> FastAPI:
     """The whole service for one store: /api/..., /healthz, /metrics, and the dashboard at /dash/."""
     app = FastAPI(title="moescope", summary="Mixture-of-Experts router observability: runs, routing metrics, alerts.",
-                  version="0.1.0")
+                  version=moescope.__version__)
     app.state.store = store
     app.state.settings = settings if settings is not None else get_settings()
     for module in (runs, metrics, alerts):

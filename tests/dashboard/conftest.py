@@ -24,7 +24,7 @@ def checkpoint_of(step: int) -> str:
     return "ck-early" if step < 3 else "ck-late"
 
 
-def make_frame(step: int, rng: np.random.Generator, producer: str = "p0") -> Frame:
+def make_frame(step: int, rng: np.random.Generator, producer: str = "p0", run: str = RUN) -> Frame:
     routing, stats, agg = [], [], []
     for layer in LAYERS:
         logits_TE = rng.normal(size=(SEQS * POSITIONS, E)) * 1.5
@@ -39,7 +39,7 @@ def make_frame(step: int, rng: np.random.Generator, producer: str = "p0") -> Fra
         lse_T = np.log(np.exp(logits_TE).sum(1))
         for t in range(SEQS * POSITIONS):
             seq, pos = divmod(t, POSITIONS)
-            ctx = dict(run=RUN, checkpoint=checkpoint_of(step), step=step, rank=0, microbatch=0, seq=seq, pos=pos,
+            ctx = dict(run=run, checkpoint=checkpoint_of(step), step=step, rank=0, microbatch=0, seq=seq, pos=pos,
                        token_id=int(rng.integers(0, 256)), layer=layer)
             for slot in range(K):
                 routing.append(dict(ctx, slot=slot, expert=int(experts_TK[t, slot]), weight=float(weights_TK[t, slot]),
@@ -49,7 +49,7 @@ def make_frame(step: int, rng: np.random.Generator, producer: str = "p0") -> Fra
                               margin=float(top_TK[t, 0] - top_TK[t, 1]), domain=DOMAINS[seq], phase="train"))
         for expert in range(E):
             chosen = experts_TK == expert
-            agg.append(dict(run=RUN, checkpoint=checkpoint_of(step), step=step, rank=0, layer=layer, expert=expert,
+            agg.append(dict(run=run, checkpoint=checkpoint_of(step), step=step, rank=0, layer=layer, expert=expert,
                             num_tokens=SEQS * POSITIONS, tokens=int(chosen.sum()), dropped=0,
                             top1=int(chosen[:, 0].sum()), prob_sum=float(probs_TE[:, expert].sum()),
                             weight_sum=float(weights_TK[chosen].sum()), phase="train"))
@@ -59,13 +59,13 @@ def make_frame(step: int, rng: np.random.Generator, producer: str = "p0") -> Fra
     meta = {"layers": [{"layer": layer, "module_path": f"layers.{layer}.mlp.router", "num_experts": E, "top_k": K,
                         "router_kind": "softmax-topk", "capacity_factor": None} for layer in LAYERS],
             "checkpoints": [{"checkpoint": checkpoint_of(step), "step": 0 if step < 3 else 3}]}
-    return Frame(run=RUN, producer=producer, seq=step, tables=tables, meta=meta, final=step == STEPS - 1)
+    return Frame(run=run, producer=producer, seq=step, tables=tables, meta=meta, final=step == STEPS - 1)
 
 
-def fill_store(store: Store, seed: int = 0) -> Store:
+def fill_store(store: Store, seed: int = 0, run: str = RUN) -> Store:
     rng = np.random.default_rng(seed)
     for step in range(STEPS):
-        assert store.write_frame(make_frame(step, rng))
+        assert store.write_frame(make_frame(step, rng, run=run, producer="p0" if run == RUN else f"p0-{run}"))
     return store
 
 
@@ -81,3 +81,16 @@ def empty_store(tmp_path) -> Store:
     store = Store(tmp_path / "empty-store")
     yield store
     store.close()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    from .browser_support import HAVE_CHROMIUM, make_driver
+
+    if not HAVE_CHROMIUM:
+        pytest.skip("needs Debian's chromium and chromium-driver")
+    driver = make_driver(tmp_path / "chromium-profile")
+    try:
+        yield driver
+    finally:
+        driver.quit()

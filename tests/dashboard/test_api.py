@@ -155,9 +155,9 @@ def test_healthz_and_root_redirect_to_dashboard(client):
     assert resp.status_code == 307 and resp.headers["location"] == "/dash/"
     page = client.get("/dash/")
     assert page.status_code == 200 and "<title>moescope</title>" in page.text
-    # Dash's own endpoints answer under the mount prefix, and the layout holds the page's parts.
+    # Dash's own endpoints answer under the mount prefix; the shell holds the menu and the page container.
     layout = client.get("/dash/_dash-layout").text
-    for element in ("load-heatmap", "maxvio-chart", "entropy-chart", "dead-experts", "alerts-panel", "run-picker"):
+    for element in ("nav-runs", "nav-balance", "_pages_content", "refresh"):
         assert f'"{element}"' in layout
 
 

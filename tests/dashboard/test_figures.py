@@ -1,43 +1,61 @@
-"""Figure builders: shapes and labels from metric frames, and a message instead of an error when empty."""
+"""Figure builders: axes with units, integer steps, bucketing, and a message instead of an empty frame."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from moescope.dashboard import figures
 
 
-def _share(layers=(0, 3), experts=4, seed=0):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for layer in layers:
-        load_E = rng.integers(0, 50, experts).astype(float)
-        for e in range(experts):
-            rows.append({"layer": layer, "expert": e, "load": load_E[e], "share": load_E[e] / load_E.sum(),
-                         "uniform": 1 / experts})
-    return pd.DataFrame(rows)
+def test_ema_matches_tensorboards_debiased_smoothing():
+    x = np.array([1.0, 2.0, 3.0, np.nan, 5.0])
+    w = 0.6
+    want, last, n = [], 0.0, 0
+    for v in x:
+        if np.isnan(v):
+            want.append(np.nan)
+            continue
+        last, n = last * w + (1 - w) * v, n + 1
+        want.append(last / (1 - w ** n))
+    got = figures.ema(x, w)
+    assert got[0] == 1.0  # debiased: the first point is the first value, not (1 − w)·x
+    assert np.allclose(got, want, equal_nan=True)
+    assert np.array_equal(figures.ema(x, 0.0), x, equal_nan=True)
 
 
-def test_load_heatmap_has_a_row_per_layer_and_a_column_per_expert():
-    share = _share()
-    fig = figures.load_heatmap(share, run="r", checkpoint="c1")
-    z_LE = np.asarray(fig.data[0].z)
-    assert z_LE.shape == (2, 4) and list(fig.data[0].y) == ["layer 0", "layer 3"]
-    assert np.allclose(z_LE.ravel(), share.share) and "checkpoint c1" in fig.layout.title.text
-    assert fig.layout.uirevision == "r"  # refreshes keep the user's zoom
+def test_empty_frames_say_no_data_for_this_scope():
+    empty = pd.DataFrame(columns=["step", "layer", "value"])
+    for fig in (figures.step_lines({"r": empty}, "value", title="t", y_title="y"),
+                figures.step_heatmap(empty, "value", "layer", title="t", row_title="layer", colour_title="v"),
+                figures.band_chart(pd.DataFrame(columns=["step", "mean", "p05", "p95"]), title="t", y_title="y"),
+                figures.matrix_heatmap(pd.DataFrame(), title="t", x_title="x", y_title="y", colour_title="c")):
+        assert len(fig.data) == 0 and fig.layout.annotations[0].text == figures.NO_DATA
 
 
-def test_empty_metric_frames_give_a_message_not_an_error():
-    for fig in (figures.load_heatmap(pd.DataFrame(columns=["layer", "expert", "share", "uniform"]), run="r", checkpoint=None),
-                figures.maxvio_chart(pd.DataFrame(columns=["step", "layer", "maxvio", "maxvio_mean_layers"]), run="r"),
-                figures.entropy_chart(pd.DataFrame(columns=["step", "layer", "mean", "uniform"]), run="r"),
-                figures.domain_heatmap(pd.DataFrame(columns=["layer", "domain", "expert", "share", "uniform"]), run="r")):
-        assert len(fig.data) == 0 and fig.layout.annotations[0].text.startswith("no ")
+def test_step_lines_label_axes_and_use_whole_step_ticks():
+    df = pd.DataFrame({"step": [0, 1, 2], "value": [0.5, 0.4, 0.3]})
+    fig = figures.step_lines({"run-a": df}, "value", title="MaxVio", y_title="MaxVio (×)", smoothing=0.5)
+    assert fig.layout.xaxis.title.text == "step" and fig.layout.yaxis.title.text == "MaxVio (×)"
+    assert fig.layout.xaxis.tickformat == "d" and fig.layout.xaxis.dtick == 1
+    raw, smooth = fig.data  # the raw points stay visible behind the smoothed line
+    assert list(raw.y) == [0.5, 0.4, 0.3] and list(smooth.y) == pytest.approx(figures.ema([0.5, 0.4, 0.3], 0.5))
 
 
-def test_entropy_chart_marks_uniform_entropy_per_distinct_layer_size():
-    df = pd.DataFrame({"step": [0, 1, 0, 1], "layer": [0, 0, 1, 1], "mean": [1.2, 1.1, 0.9, 0.8],
-                       "uniform": [np.log(4)] * 2 + [np.log(8)] * 2})
-    fig = figures.entropy_chart(df, run="r")
-    assert [t.name for t in fig.data] == ["layer 0", "layer 1"]
-    assert sorted(s.y0 for s in fig.layout.shapes) == sorted([np.log(4), np.log(8)])
+def test_long_step_ranges_are_bucketed_to_a_drawable_width():
+    steps, layers = 100_000, 64
+    df = pd.DataFrame({"step": np.repeat(np.arange(0, steps, 50), layers),
+                       "layer": np.tile(np.arange(layers), steps // 50), "maxvio": 1.0})
+    fig = figures.step_heatmap(df, "maxvio", "layer", title="MaxVio", row_title="layer", colour_title="MaxVio")
+    z = np.asarray(fig.data[0].z)
+    assert z.shape[0] == layers and z.shape[1] <= figures.MAX_COLUMNS and np.allclose(z, 1.0)
+    assert "buckets" in fig.layout.title.text
+
+
+def test_fixed_colour_scale_pins_the_range():
+    df = pd.DataFrame({"step": [0, 0], "expert": [0, 1], "utilisation": [0.2, 1.8]})
+    fixed = figures.step_heatmap(df, "utilisation", "expert", title="t", row_title="expert", colour_title="u",
+                                 zrange=figures.FIXED_UTILISATION_RANGE)
+    free = figures.step_heatmap(df, "utilisation", "expert", title="t", row_title="expert", colour_title="u")
+    assert (fixed.data[0].zmin, fixed.data[0].zmax) == figures.FIXED_UTILISATION_RANGE
+    assert free.data[0].zmin is None and free.data[0].zmax is None

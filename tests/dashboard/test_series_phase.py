@@ -1,10 +1,11 @@
 """Over-steps charts follow training when a run trained, every phase otherwise."""
 import dataclasses
+import uuid
 
 import numpy as np
 import pyarrow as pa
 
-from moescope.dashboard.dash_app import series_phase
+from moescope.dashboard.summaries import series_phase
 
 from .conftest import RUN, STEPS, make_frame
 
@@ -17,7 +18,7 @@ def relabelled(frame, phase, *, run=None, seq=None):
             table = table.set_column(table.schema.get_field_index("run"), "run", pa.array([run] * table.num_rows, pa.string()))
         tables[name] = table
     return dataclasses.replace(frame, tables=tables, run=run or frame.run, seq=seq if seq is not None else frame.seq,
-                               frame_id=f"{phase}-{run}-{seq}", final=False)
+                               frame_id=uuid.uuid4().hex, final=False)
 
 
 def test_training_runs_chart_the_train_phase_and_leave_replays_out(recorded_store):

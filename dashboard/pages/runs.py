@@ -1,0 +1,89 @@
+"""Runs: every run with its health at a glance; pick several to overlay or compare."""
+from __future__ import annotations
+
+import time
+
+import dash
+from dash import Input, Output, State, dcc, html
+
+from moescope.dashboard import state, summaries
+from moescope.dashboard.pages import common
+
+PATH, NAME, PREFIX = "/", "Runs", "runs"
+HEADERS = {"run": "run", "status": "recording", "last_step": "last step", "maxvio": "MaxVio (last 50 steps)",
+           "dead_experts": "dead experts", "drop_rate": "drop rate", "alerts_firing": "alerts firing",
+           "last_write": "last write", "routing_rows": "routing rows"}
+
+
+def layout(**query) -> html.Div:
+    view, problems = state.parse(query)
+    return common.page(PREFIX, "Runs", "Every recorded run, its balance and alerts over its last 50 steps. "
+                       "Tick runs to overlay them on the other pages.",
+                       [html.Div([html.Label("Runs to overlay or compare", htmlFor="runs-select"),
+                                  dcc.Checklist(id="runs-select", value=view.runs, options=[], className="checklist",
+                                                inline=True)], className="picker wide")],
+                       [html.Div(id="runs-links", className="links"), html.Div(id="runs-table-holder")],
+                       problems, state.search(runs=view.runs), PATH)
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s ago"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min ago"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h ago"
+    return f"{seconds / 86400:.1f} days ago"
+
+
+def cell(column: str, value, now: float):
+    if value is None or value != value:
+        return "—"
+    if column == "run":
+        return dcc.Link(value, href=common.href("/balance", state.search(runs=[value])))
+    if column == "last_write":
+        return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(value))} ({_ago(now - value)})"
+    if column == "maxvio":
+        return f"{value:.3f}"
+    if column == "drop_rate":
+        return f"{value:.2%}"
+    if column == "routing_rows":
+        return f"{int(value):,}"
+    return str(value)
+
+
+def register(app: dash.Dash, ctx: common.Context) -> None:
+    common.register_url_sync(app, PREFIX, PATH, {"runs": "runs-select"})
+
+    @app.callback(Output("runs-table-holder", "children"), Output("runs-select", "options"),
+                  Output("runs-message", "children"), Input("refresh", "n_intervals"), Input("runs-problems", "data"),
+                  State("runs-select", "value"))
+    @common.guarded(lambda msg: (None, [], common.message([msg])))
+    def refresh(_n, problems, selected):
+        now = time.time()
+        health = summaries.runs_health(ctx.store, now=now)
+        if health.empty:
+            return html.P(common.NO_RUNS, className="empty"), [], common.message(problems)
+        head = html.Thead(html.Tr([html.Th(h) for h in HEADERS.values()]))
+        body = html.Tbody([html.Tr([html.Td(cell(c, getattr(r, c), now), className=f"col-{c}") for c in HEADERS],
+                                   className=f"status-{r.status}") for r in health.itertuples()])
+        table = html.Table([head, body], id="runs-table", className="table")
+        options = [{"label": r, "value": r} for r in health["run"]]
+        unknown = [r for r in selected or [] if r not in set(health["run"])]
+        note = f"unknown run(s) {', '.join(repr(r) for r in unknown)} in the link" if unknown else None
+        return table, options, common.message(problems, note)
+
+    @app.callback(Output("runs-links", "children"), Input("runs-select", "value"))
+    def links(selected):
+        selected = list(selected or [])
+        if not selected:
+            return html.P("Tick one or more runs to overlay them.", className="muted")
+        search = state.search(runs=selected)
+        parts = [html.Span(f"{len(selected)} selected: ", className="muted"),
+                 dcc.Link("Balance", id="runs-open-balance", href=common.href("/balance", search)), " · ",
+                 dcc.Link("Router health", id="runs-open-health", href=common.href("/health", search)), " · ",
+                 dcc.Link("Capacity what-if", href=common.href("/capacity", search))]
+        if len(selected) >= 2:
+            parts += [" · ", dcc.Link("Compare the first two", id="runs-open-compare",
+                                      href=common.href("/compare", state.search(runs=selected[:2])))]
+        return parts

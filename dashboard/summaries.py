@@ -1,0 +1,84 @@
+"""Per-run health at a glance (the Runs page and /api/runs/health), from moescope.analysis only."""
+from __future__ import annotations
+
+import math
+import time
+
+import pandas as pd
+
+from moescope.analysis import compute_metric
+from moescope.collector.store import Store
+from moescope.dashboard import prometheus
+
+WINDOW_STEPS = 50   # "latest" = the last 50 steps, the alert rules' default window
+LIVE_S = 120.0      # a run written to this recently is recording
+
+
+def series_phase(store: Store, run: str) -> str | None:
+    """The phase the over-steps charts follow: training when the run trained (replays of
+    checkpoints through a probe set sit at checkpoint steps and would zigzag the series),
+    else every phase (serving, eval-only runs)."""
+    trained = compute_metric(store, "drop_rate", run=run, by="window", phase="train")
+    return "train" if not trained.empty and trained["slots"].fillna(0).sum() > 0 else None
+
+
+def last_step(store: Store, run: str, phase: str | None) -> int | None:
+    """The newest step with expert load in `phase` (read from one layer's per-step drop rate)."""
+    overall = compute_metric(store, "drop_rate", run=run, by="window", phase=phase)
+    if overall.empty:
+        return None
+    first = int(overall["layer"].min())
+    steps = compute_metric(store, "drop_rate", run=run, by="step", layers=[first], phase=phase)
+    return None if steps.empty else int(steps["step"].max())
+
+
+def _finite(x) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def status(last_write: float | None, closed: bool, now: float) -> str:
+    if last_write is None:
+        return "empty"
+    if now - last_write <= LIVE_S:
+        return "recording"
+    return "closed" if closed else "idle"
+
+
+def run_health(store: Store, run: str, *, firing: int = 0, now: float | None = None,
+               last_write: float | None = None, routing_rows: int = 0) -> dict:
+    """One run's health over its last WINDOW_STEPS steps: MaxVio (mean over layers), dead experts
+    (summed over layers), drop rate, alerts firing, recording status."""
+    now = time.time() if now is None else now
+    phase = series_phase(store, run)
+    last = last_step(store, run, phase)
+    row = {"run": run, "phase": phase or "all", "last_step": last, "window_steps": WINDOW_STEPS, "maxvio": None,
+           "dead_experts": None, "drop_rate": None, "alerts_firing": int(firing), "last_write": _finite(last_write),
+           "routing_rows": int(routing_rows)}
+    ledger = store.ledger(run)
+    row["status"] = status(row["last_write"], bool(len(ledger)) and bool(ledger["closed"].all()), now)
+    if last is None:
+        return row
+    steps = (last - WINDOW_STEPS + 1, last)
+    maxvio = compute_metric(store, "maxvio", run=run, steps=steps, by="window", phase=phase)
+    dead = compute_metric(store, "dead_experts", run=run, steps=steps, by="window", phase=phase)
+    drops = compute_metric(store, "drop_rate", run=run, steps=steps, by="window", phase=phase)
+    if not maxvio.empty:
+        row["maxvio"] = _finite(maxvio["maxvio_global_mean_layers"].iloc[0])
+    if not dead.empty:
+        row["dead_experts"] = int(dead["dead"].sum())
+    if not drops.empty and drops["slots"].sum() > 0:
+        row["drop_rate"] = float(drops["dropped"].sum() / drops["slots"].sum())
+    return row
+
+
+def runs_health(store: Store, now: float | None = None) -> pd.DataFrame:
+    """run_health for every recorded run, newest first."""
+    runs = store.runs()
+    firing: dict[str, int] = {}
+    for event in prometheus.firing_alerts(store):
+        firing[event["run"]] = firing.get(event["run"], 0) + 1
+    rows = [run_health(store, r.run, firing=firing.get(r.run, 0), now=now, last_write=_finite(r.last_write),
+                       routing_rows=r.routing_rows) for r in runs.iloc[::-1].itertuples()]
+    columns = ["run", "status", "phase", "last_step", "window_steps", "maxvio", "dead_experts", "drop_rate",
+               "alerts_firing", "last_write", "routing_rows"]
+    return pd.DataFrame(rows, columns=columns)
