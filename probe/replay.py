@@ -153,7 +153,7 @@ def replay_checkpoint_files(store, run: str, probe_set: str, paths: list[str | P
     named after the file (its stem) with the step saved in it. Everything is checked
     before the first replay, so a mistake records nothing.
     """
-    store.probe_set(probe_set)
+    longest = max(s.size for s in store.probe_set(probe_set).sequences)
     check_run_id(run)
     if not paths:
         raise ReplayError("give at least one checkpoint file")
@@ -161,6 +161,9 @@ def replay_checkpoint_files(store, run: str, probe_set: str, paths: list[str | P
     plan = []
     for p in paths:
         model, saved_step = load_reference_checkpoint(p)
+        if longest > model.cfg.max_seq_len:
+            raise ReplayError(f"probe set {probe_set!r} has sequences of {longest} tokens; the model of {str(p)!r} "
+                              f"takes at most max_seq_len={model.cfg.max_seq_len}")
         name, step = by_path.get(str(Path(p).resolve()), (Path(p).stem, None))
         step = step if step is not None else saved_step
         if step is None:
