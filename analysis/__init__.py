@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from moescope.analysis import balance, drift, health, specialisation, whatif
+from moescope.analysis import balance, drift, expert_cache, health, placement, specialisation, whatif
 from moescope.analysis.query import layer_meta, make_scope
 
 
@@ -38,6 +38,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("dead_experts", balance.dead_experts, "expert_step", "window", "dead and starved experts"),
     Metric("drop_rate", balance.drop_rate, "expert_step", "step", "dropped slots over all slots"),
     Metric("predicted_drops", whatif.predicted_drops, "expert_step", "window", "drops under other capacity factors"),
+    Metric("placement", placement.placement, "expert_step", "step", "expert placement over EP devices: balance, all-to-all bytes"),
+    Metric("expert_cache", expert_cache.expert_cache, "routing", "window", "hot-set coverage and LRU/LFU hit rates per cache size"),
     Metric("entropy", health.entropy, "token_stats", "step", "per-token router entropy (nats)"),
     Metric("z", health.z, "token_stats", "step", "router z-loss"),
     Metric("margin", health.margin, "token_stats", "step", "top-1 minus top-2 probability"),

@@ -1,0 +1,607 @@
+"""Expert-placement what-if: the recorded traffic replayed on a placement of experts over EP devices.
+
+Legend: E logical experts of a layer, G = ep_size devices (GPUs), N nodes of
+gpus_per_node devices each, R redundant expert slots, P = E + R physical slots,
+S = P / G slots per device, L layers, K top-k, n routing rows of a batch.
+
+The model, stated once (docstring of `placement` repeats it for users):
+- Load (exact, from expert_step): load_e is expert e's (token, slot) assignments at a step,
+  summed over ranks. An expert with r_e replicas has its load split evenly over them, as
+  EPLB assumes and as vLLM's uniformly random choice of replica gives on average.
+  tokens_d = Σ_{slots on d} load_e / r_e; balancedness = mean_d tokens_d / max_d tokens_d (what
+  vLLM and SGLang log); overload = max_d tokens_d / mean_d tokens_d (max over the balanced share).
+- Where a token lives: tokens are spread evenly over the EP ranks by position, the token at
+  position pos lives on device pos mod G (its home); it is dispatched from there and combined back there.
+- All-to-all: dispatch sends a token's hidden vector once to every device other than its
+  home that holds one of its chosen experts (one copy per destination device, as DeepEP
+  sends); combine returns the same copies, so it mirrors dispatch (combine's sent = dispatch's
+  received). bytes = copies × hidden_size × dtype bytes. Internode copies count the distinct
+  remote nodes a token reaches. With replicas, copies are expectations under the uniform
+  choice of replica. Routing rows give each token's chosen set (co-activation); when per-token
+  rows are sampled, a step's copies are scaled by its exact token count over the sampled count.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from moescope.analysis.query import Scope, check_options, make_scope
+
+POLICIES = ("contiguous", "round_robin", "eplb", "eplb_global", "coactivation", "map")
+LOAD_AWARE = ("eplb", "eplb_global", "coactivation")
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2,
+               "float8": 1, "fp8": 1, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1}
+# Routing rows are streamed in batches of this many rows, so memory stays flat at any run size.
+BATCH_ROWS = 1 << 21
+# coactivation: a device may be this share of the balanced load above the lightest one and still be chosen.
+DEFAULT_TOLERANCE = 0.05
+
+Devices = list[list[int]]  # device d -> logical experts in its slots, slot order
+
+
+# ----------------------------------------------------------------------------- policies
+def _balanced_packing(weight_n: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
+    """EPLB's packing: n items into packs of exactly n / num_packs items each, heaviest first into the lightest open pack.
+
+    Returns (pack of each item, its rank inside the pack). Ties: lower item index first, lower pack first.
+    """
+    n = len(weight_n)
+    per = n // num_packs
+    pack_n, rank_n = np.full(n, -1), np.full(n, -1)
+    loads, counts = [0.0] * num_packs, [0] * num_packs
+    for i in sorted(range(n), key=lambda j: (-float(weight_n[j]), j)):
+        p = min((q for q in range(num_packs) if counts[q] < per), key=lambda q: (loads[q], q))
+        pack_n[i], rank_n[i] = p, counts[p]
+        loads[p] += float(weight_n[i])
+        counts[p] += 1
+    return pack_n, rank_n
+
+
+def _replicate(weight_m: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.ndarray]:
+    """EPLB's replication: each extra slot goes to the expert with the largest load per replica.
+
+    Returns (logical expert of each physical slot, replica count of each expert).
+    """
+    m = len(weight_m)
+    phy = list(range(m))
+    count_m = np.ones(m, dtype=np.int64)
+    for _ in range(num_phy - m):
+        e = int(np.argmax(np.asarray(weight_m, float) / count_m))
+        phy.append(e)
+        count_m[e] += 1
+    return np.asarray(phy), count_m
+
+
+def eplb_hierarchical(weight_E: np.ndarray, num_physical: int, num_groups: int, num_nodes: int, num_gpus: int) -> Devices:
+    """DeepSeek's EPLB, hierarchical (DeepSeek-V3 §3.4; github.com/deepseek-ai/EPLB).
+
+    1. pack the expert groups onto nodes, balanced, each node the same number of groups;
+    2. inside each node, replicate its heaviest experts into the node's redundant slots;
+    3. pack each node's physical experts onto its GPUs, balanced, each GPU S slots.
+    The global policy is this with one group and one node.
+    """
+    e = len(weight_E)
+    group_size, groups_per_node, gpus_per_node = e // num_groups, num_groups // num_nodes, num_gpus // num_nodes
+    slots_per_gpu = num_physical // num_gpus
+    group_w = np.asarray(weight_E, float).reshape(num_groups, group_size).sum(1)
+    node_of_group, rank_of_group = _balanced_packing(group_w, num_nodes)
+    devices: Devices = [[] for _ in range(num_gpus)]
+    for node in range(num_nodes):
+        groups = sorted((g for g in range(num_groups) if node_of_group[g] == node), key=lambda g: rank_of_group[g])
+        assert len(groups) == groups_per_node
+        experts = np.concatenate([np.arange(g * group_size, (g + 1) * group_size) for g in groups])
+        w = np.asarray(weight_E, float)[experts]
+        phy, count = _replicate(w, num_physical // num_nodes)
+        gpu_of_phy, rank_of_phy = _balanced_packing(w[phy] / count[phy], gpus_per_node)
+        for local in range(gpus_per_node):
+            mine = sorted((p for p in range(len(phy)) if gpu_of_phy[p] == local), key=lambda p: rank_of_phy[p])
+            assert len(mine) == slots_per_gpu
+            devices[node * gpus_per_node + local] = [int(experts[phy[p]]) for p in mine]
+    return devices
+
+
+def contiguous(e: int, num_physical: int, num_gpus: int) -> Devices:
+    """Slot p holds expert p mod E; device d holds slots [d·S, (d+1)·S) (vLLM's default expert map)."""
+    s = num_physical // num_gpus
+    return [[p % e for p in range(d * s, (d + 1) * s)] for d in range(num_gpus)]
+
+
+def round_robin(e: int, num_physical: int, num_gpus: int) -> Devices:
+    """Slot p holds expert p mod E and sits on device p mod G."""
+    return [[p % e for p in range(d, num_physical, num_gpus)] for d in range(num_gpus)]
+
+
+def coactivation_aware(weight_E: np.ndarray, coact_EE: np.ndarray, num_physical: int, num_gpus: int,
+                       tolerance: float = DEFAULT_TOLERANCE) -> Devices:
+    """Balanced packing that keeps experts which fire together on one device (fewer all-to-all copies).
+
+    Replicas as EPLB (heaviest expert per replica first). Then, heaviest physical expert first,
+    the candidate devices are the open ones whose load is within tolerance × (total / G) of the
+    lightest open device (and, when possible, that do not already hold the expert); among them
+    the device whose experts the expert was chosen together with most often (co-activation
+    counts of the fit window) wins, then the lighter one, then the lower index. tolerance=0
+    is EPLB's global packing with co-activation breaking ties.
+    """
+    w = np.asarray(weight_E, float)
+    phy, count = _replicate(w, num_physical)
+    w_phy = w[phy] / count[phy]
+    per = num_physical // num_gpus
+    slack = tolerance * w_phy.sum() / num_gpus
+    loads, devices = [0.0] * num_gpus, [[] for _ in range(num_gpus)]
+    for p in sorted(range(len(phy)), key=lambda j: (-w_phy[j], j)):
+        e = int(phy[p])
+        open_ = [d for d in range(num_gpus) if len(devices[d]) < per]
+        lightest = min(loads[d] for d in open_)
+        cands = [d for d in open_ if loads[d] <= lightest + slack]
+        fresh = [d for d in cands if e not in devices[d]]
+        cands = fresh or cands
+        d = max(cands, key=lambda q: (sum(float(coact_EE[e, j]) for j in devices[q] if j != e), -loads[q], -q))
+        devices[d].append(e)
+        loads[d] += w_phy[p]
+    return devices
+
+
+def map_devices(expert_map, e: int, num_gpus: int) -> Devices:
+    """An explicit map: a sequence (expert -> device, or list of devices for replicas) or a dict of the same."""
+    if isinstance(expert_map, Mapping):
+        items = list(expert_map.items())
+    elif isinstance(expert_map, Sequence) and not isinstance(expert_map, (str, bytes)):
+        items = list(enumerate(expert_map))
+    else:
+        raise ValueError(f"expert_map must map each expert to a device (a list or dict), got {expert_map!r}")
+    devices: Devices = [[] for _ in range(num_gpus)]
+    seen = set()
+    for expert, where in items:
+        if not _is_int(expert) or not 0 <= int(expert) < e:
+            raise ValueError(f"expert_map names expert {expert!r}; the layer has experts 0..{e - 1}")
+        where = list(where) if isinstance(where, (list, tuple, np.ndarray)) else [where]
+        if not where or not all(_is_int(d) and 0 <= int(d) < num_gpus for d in where):
+            raise ValueError(f"expert_map puts expert {expert} on {where!r}; devices are 0..{num_gpus - 1}")
+        for d in where:
+            devices[int(d)].append(int(expert))
+        seen.add(int(expert))
+    missing = sorted(set(range(e)) - seen)
+    if missing:
+        raise ValueError(f"expert_map places no device for expert(s) {missing[:10]} of {e}")
+    return devices
+
+
+def _is_int(x) -> bool:
+    return not isinstance(x, bool) and hasattr(x, "__index__")
+
+
+# ----------------------------------------------------------------------------- options
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The EP layout every policy is built for."""
+
+    ep_size: int
+    gpus_per_node: int
+    redundant_slots: int
+    expert_groups: int
+    tolerance: float
+
+    @property
+    def nodes(self) -> int:
+        return self.ep_size // self.gpus_per_node
+
+
+def make_layout(ep_size, gpus_per_node, redundant_slots, expert_groups, tolerance) -> Layout:
+    for name, v, lo in (("ep_size", ep_size, 1), ("redundant_slots", redundant_slots, 0), ("expert_groups", expert_groups, 1)):
+        if not _is_int(v) or int(v) < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    gpus_per_node = ep_size if gpus_per_node is None else gpus_per_node
+    if not _is_int(gpus_per_node) or int(gpus_per_node) < 1 or int(ep_size) % int(gpus_per_node):
+        raise ValueError(f"gpus_per_node must be a positive int dividing ep_size {ep_size}, got {gpus_per_node!r}")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
+        raise ValueError(f"tolerance must be a non-negative number, got {tolerance!r}")
+    return Layout(int(ep_size), int(gpus_per_node), int(redundant_slots), int(expert_groups), float(tolerance))
+
+
+def parse_policies(policy, expert_map) -> list[str]:
+    if policy is None:
+        policy = "map" if expert_map is not None else "contiguous"
+    if policy == "all":
+        policies = [p for p in POLICIES if p != "map" or expert_map is not None]
+    else:
+        policies = [policy] if isinstance(policy, str) else list(policy) if isinstance(policy, (list, tuple)) else None
+        if not policies or any(p not in POLICIES for p in policies):
+            raise ValueError(f"policy must be one of {list(POLICIES)} (or a list of them, or 'all'), got {policy!r}")
+    if "map" in policies and expert_map is None:
+        raise ValueError("policy 'map' needs expert_map (expert -> device)")
+    return list(dict.fromkeys(policies))
+
+
+def build_placement(policy: str, layout: Layout, e: int, weight_E=None, coact_EE=None, expert_map=None) -> Devices:
+    """Device -> experts of one layer under `policy` (weight_E / coact_EE from the fit window)."""
+    g = layout.ep_size
+    if policy == "map":
+        if layout.redundant_slots:
+            raise ValueError("redundant_slots does not apply to an expert_map: its replicas are the ones it lists")
+        return map_devices(expert_map, e, g)
+    num_physical = e + layout.redundant_slots
+    if num_physical % g:
+        raise ValueError(f"{e} experts + {layout.redundant_slots} redundant slots = {num_physical} physical slots "
+                         f"do not divide over ep_size {g}")
+    if policy == "contiguous":
+        return contiguous(e, num_physical, g)
+    if policy == "round_robin":
+        return round_robin(e, num_physical, g)
+    if policy == "coactivation":
+        return coactivation_aware(weight_E, coact_EE, num_physical, g, layout.tolerance)
+    groups, nodes = layout.expert_groups, layout.nodes
+    if e % groups:
+        raise ValueError(f"expert_groups {groups} does not divide the layer's {e} experts")
+    if policy == "eplb" and groups % nodes == 0 and (num_physical // nodes) >= e // nodes and num_physical % nodes == 0:
+        return eplb_hierarchical(weight_E, num_physical, groups, nodes, g)
+    return eplb_hierarchical(weight_E, num_physical, 1, 1, g)  # the published global policy
+
+
+def fraction_EG(devices: Devices, e: int, g: int) -> np.ndarray:
+    """f[e, d] = replicas of e on d / replicas of e: the share of e's tokens device d computes."""
+    count_EG = np.zeros((e, g))
+    for d, experts in enumerate(devices):
+        for x in experts:
+            count_EG[x, d] += 1
+    return count_EG / np.maximum(count_EG.sum(1, keepdims=True), 1)
+
+
+# ----------------------------------------------------------------------------- replay
+@dataclasses.dataclass
+class Window:
+    """Exact per-step loads of one step window: load_SLE[s, l, e] for steps[s], layers[l]."""
+
+    steps: np.ndarray
+    layers: np.ndarray
+    load_SLE: np.ndarray
+    tokens_SL: np.ndarray  # exact tokens each layer saw at each step
+
+    def group(self, step_r: np.ndarray, layer_r: np.ndarray) -> np.ndarray:
+        """Dense (step, layer) group index of each row; -1 where the window has no such step or layer."""
+        si = np.searchsorted(self.steps, step_r)
+        li = np.searchsorted(self.layers, layer_r)
+        ok = (si < len(self.steps)) & (li < len(self.layers))
+        ok[ok] &= (self.steps[si[ok]] == step_r[ok]) & (self.layers[li[ok]] == layer_r[ok])
+        return np.where(ok, si * len(self.layers) + li, -1)
+
+
+def load_window(store, scope: Scope, layers: list[int], e_max: int, steps) -> Window:
+    where, params = dataclasses.replace(scope, steps=steps).where()
+    df = store.sql(f"""
+        SELECT step, layer, expert, sum(tokens)::DOUBLE AS load, sum(num_tokens)::DOUBLE AS nt
+        FROM expert_step WHERE {where} GROUP BY ALL ORDER BY step, layer, expert""", params, run=scope.run)
+    df = df[df.layer.isin(layers) & (df.expert < e_max)]
+    if df.empty:
+        where_txt = "the whole run" if steps is None else f"steps {steps[0]}..{steps[1]}"
+        raise ValueError(f"no expert_step rows for layers {layers} in {where_txt} of run {scope.run!r}")
+    steps_s = np.unique(df.step.to_numpy())
+    layers_l = np.asarray(sorted(layers))
+    s = np.searchsorted(steps_s, df.step.to_numpy())
+    li = np.searchsorted(layers_l, df.layer.to_numpy())
+    load = np.zeros((len(steps_s), len(layers_l), e_max))
+    load[s, li, df.expert.to_numpy()] = df.load.to_numpy()
+    nt = np.zeros_like(load)
+    nt[s, li, df.expert.to_numpy()] = df.nt.to_numpy()
+    return Window(steps_s, layers_l, load, nt.max(2))
+
+
+class _NotAdjacent(Exception):
+    """Routing rows of one token are not consecutive in slot order: replay them sorted instead."""
+
+
+def _routing_chunks(store, scope: Scope, steps, layers: list[int], *, ordered: bool):
+    """Routing rows (step, layer, pos, slot, expert) as numpy chunks holding whole tokens.
+
+    Unsorted, rows come in the order they were written, where the probe keeps a token's
+    slots consecutive; each chunk is checked for that, and _NotAdjacent tells the caller
+    to ask again with ordered=True (a sort by token, slower).
+    """
+    sc = dataclasses.replace(scope, steps=steps, layers=tuple(layers))
+    where, params = sc.where()
+    order = " ORDER BY step, layer, rank, microbatch, seq, pos, checkpoint, slot" if ordered else ""
+    con = store.connect(scope.run)
+    try:
+        reader = con.sql(f"SELECT step, layer, pos, slot, expert FROM routing WHERE {where}{order}",
+                         params=params).to_arrow_reader(BATCH_ROWS)
+        carry = None
+        for batch in reader:
+            cols = {f.name: batch.column(i).to_numpy(zero_copy_only=False) for i, f in enumerate(batch.schema)}
+            if carry is not None:
+                cols = {k: np.concatenate([carry[k], v]) for k, v in cols.items()}
+            starts = np.flatnonzero(cols["slot"] == 0)
+            cut = starts[-1] if len(starts) else 0  # the last token may continue in the next batch
+            carry = {k: v[cut:] for k, v in cols.items()}
+            if cut:
+                yield _checked({k: v[:cut] for k, v in cols.items()})
+        if carry is not None and len(carry["slot"]):
+            yield _checked(carry)
+    finally:
+        con.close()
+
+
+def _checked(c: dict) -> dict:
+    slot = c["slot"].astype(np.int64)
+    if slot[0] != 0:
+        raise _NotAdjacent()
+    nxt = slot[1:] > 0
+    same = (slot[1:] == slot[:-1] + 1) & (c["step"][1:] == c["step"][:-1]) & (c["layer"][1:] == c["layer"][:-1]) \
+        & (c["pos"][1:] == c["pos"][:-1])
+    if np.any(nxt & ~same):
+        raise _NotAdjacent()
+    return c
+
+
+@dataclasses.dataclass
+class Traffic:
+    """Dispatch copies per (step, layer, device) of one placement; tokens_seen per (step, layer)."""
+
+    sent: np.ndarray
+    recv: np.ndarray
+    sent_internode: np.ndarray
+
+
+class _Replay:
+    """Accumulates all-to-all copies of several placements (and co-activation counts) over routing chunks."""
+
+    def __init__(self, window: Window, tables: dict[str, np.ndarray], layout: Layout, e_max: int, k_max: int,
+                 coactivation: bool):
+        self.w, self.layout, self.e, self.k = window, layout, e_max, k_max
+        groups = len(window.steps) * len(window.layers)
+        self.size = groups * layout.ep_size
+        self.tables = tables  # policy -> f[l, e, d]
+        self.traffic = {p: Traffic(np.zeros(self.size), np.zeros(self.size), np.zeros(self.size)) for p in tables}
+        self.seen = np.zeros(groups)
+        self.coact = np.zeros(len(window.layers) * e_max * e_max) if coactivation else None
+
+    def add(self, c: dict) -> None:
+        g_count = self.layout.ep_size
+        grp = self.w.group(c["step"], c["layer"].astype(np.int64))
+        keep = grp >= 0
+        if not keep.all():
+            c = {k: v[keep] for k, v in c.items()}
+            grp = grp[keep]
+            if len(grp) == 0:
+                return
+        slot = c["slot"].astype(np.int64)
+        expert = np.minimum(c["expert"].astype(np.int64), self.e - 1)
+        home = c["pos"].astype(np.int64) % g_count
+        li = grp % len(self.w.layers)
+        first = slot == 0
+        self.seen += np.bincount(grp[first], minlength=len(self.seen))
+        if self.coact is not None:
+            for o in range(1, self.k):
+                m = slot[o:] >= o
+                a, b, lay = expert[:-o][m], expert[o:][m], li[o:][m]
+                idx = np.concatenate([(lay * self.e + a) * self.e + b, (lay * self.e + b) * self.e + a])
+                self.coact += np.bincount(idx, minlength=len(self.coact))
+        for policy, f_LEG in self.tables.items():
+            t = self.traffic[policy]
+            if np.all((f_LEG == 0) | (f_LEG == 1)):
+                self._add_single(t, f_LEG, grp, li, slot, expert, home)
+            else:
+                self._add_replicated(t, f_LEG, grp, li, slot, expert, home)
+
+    def _add_single(self, t: Traffic, f_LEG, grp, li, slot, expert, home) -> None:
+        """Each expert on one device: a copy per distinct remote device of the token's experts."""
+        g_count, gpn = self.layout.ep_size, self.layout.gpus_per_node
+        dev = f_LEG.argmax(2)[li, expert]
+        for level, (where, origin) in enumerate(((dev, home), (dev // gpn, home // gpn))):
+            fresh = np.ones(len(where), bool)
+            for o in range(1, self.k):  # a device already reached by an earlier slot of the token costs nothing
+                fresh[o:] &= ~((slot[o:] >= o) & (where[o:] == where[:-o]))
+            remote = fresh & (where != origin)
+            gr, hr = grp[remote] * g_count, home[remote]
+            if level == 0:
+                t.sent += np.bincount(gr + hr, minlength=self.size)
+                t.recv += np.bincount(gr + dev[remote], minlength=self.size)
+            else:
+                t.sent_internode += np.bincount(gr + hr, minlength=self.size)
+
+    def _add_replicated(self, t: Traffic, f_LEG, grp, li, slot, expert, home) -> None:
+        """Replicas: P(device d reached) = 1 − Π_{e chosen} (1 − f[e, d]); copies are expectations."""
+        g_count, gpn = self.layout.ep_size, self.layout.gpus_per_node
+        starts = np.flatnonzero(slot == 0)
+        miss_nG = 1.0 - f_LEG[li, expert]
+        reach_TG = 1.0 - np.multiply.reduceat(miss_nG, starts, axis=0)
+        home_t, grp_t = home[starts], grp[starts]
+        reach_TG[np.arange(len(starts)), home_t] = 0.0
+        base = grp_t * g_count
+        t.sent += np.bincount(base + home_t, weights=reach_TG.sum(1), minlength=self.size)
+        t.recv += np.bincount((base[:, None] + np.arange(g_count)).ravel(), weights=reach_TG.ravel(), minlength=self.size)
+        nodes = g_count // gpn
+        miss_nN = 1.0 - f_LEG[li, expert].reshape(len(li), nodes, gpn).sum(2)
+        reach_TN = 1.0 - np.multiply.reduceat(miss_nN, starts, axis=0)
+        reach_TN[np.arange(len(starts)), home_t // gpn] = 0.0
+        t.sent_internode += np.bincount(base + home_t, weights=reach_TN.sum(1), minlength=self.size)
+
+
+def replay(store, scope: Scope, steps, window: Window, tables: dict[str, np.ndarray], layout: Layout, e_max: int,
+           k_max: int, *, coactivation: bool = False) -> _Replay:
+    """One pass over the window's routing rows, in write order when it keeps tokens whole, else sorted."""
+    layers = window.layers.tolist()
+    for ordered in (False, True):
+        r = _Replay(window, tables, layout, e_max, k_max, coactivation)
+        try:
+            for chunk in _routing_chunks(store, scope, steps, layers, ordered=ordered):
+                r.add(chunk)
+            return r
+        except _NotAdjacent:
+            if ordered:
+                raise ValueError("routing rows of one token are not in slot order even when sorted") from None
+    raise AssertionError("unreachable")
+
+
+def coactivation_counts(store, scope: Scope, steps, window: Window, layout: Layout, e_max: int, k_max: int) -> np.ndarray:
+    """C[l, i, j]: tokens of the window that chose both i and j (i ≠ j), from routing rows."""
+    r = replay(store, scope, steps, window, {}, layout, e_max, k_max, coactivation=True)
+    return r.coact.reshape(len(window.layers), e_max, e_max)
+
+
+# ----------------------------------------------------------------------------- the metric
+def placement(store, scope: Scope, meta: pd.DataFrame, ep_size=None, gpus_per_node=None, redundant_slots=0, policy=None,
+              expert_map=None, hidden_size=None, dtype="bfloat16", fit_steps=None, expert_groups=1,
+              tolerance=DEFAULT_TOLERANCE, **options) -> pd.DataFrame:
+    """Expert placement what-if: the window's recorded traffic replayed on a placement over EP devices.
+
+    Redundant experts and their packing follow DeepSeek-V3 §3.4 (EPLB); balancedness is the
+    figure vLLM's and SGLang's EPLB log.
+
+    Options: ep_size (G devices; default the largest of 1..8 dividing every layer's E); gpus_per_node (default G: one node); redundant_slots
+    (R extra expert slots, E + R divisible by G); policy: "contiguous" (default; slot p holds
+    expert p mod E, device d slots d·S..), "round_robin" (slot p on device p mod G), "eplb"
+    (DeepSeek's EPLB as published: hierarchical when expert_groups is a multiple of the node
+    count, else global), "eplb_global", "coactivation" (balanced packing keeping co-chosen
+    experts together, within tolerance of the lightest device), "map" (expert_map: expert ->
+    device, or list of devices for replicas), a list of these, or "all"; expert_groups (EPLB's
+    groups, default 1); hidden_size and dtype (default bfloat16) turn copies into bytes;
+    fit_steps (lo, hi): the window load-aware policies are fitted on (default: the evaluated
+    window `steps` itself), so a placement chosen from past traffic is judged on later traffic.
+
+    Model: loads are exact from expert_step, split evenly over an expert's replicas (EPLB's
+    assumption). The token at position pos lives on device pos mod G and is sent once to each
+    other device holding one of its chosen experts (DeepEP-style dispatch; combine mirrors it),
+    from routing rows, scaled up when they are sampled; expectations over replicas.
+    balancedness = mean_d tokens_d / max_d tokens_d, overload = max_d / mean_d.
+
+    by="step": a row per (policy, step, layer, device): node, tokens, balancedness, overload,
+    copies_sent, copies_recv, copies_sent_internode, bytes_sent, bytes_recv, bytes_sent_internode
+    (bytes null without hidden_size). by="window": a row per (policy, layer): balancedness
+    (mean over steps), balancedness_min, overload, overload_max, copies_per_step,
+    bytes_per_step, bytes_sent_max (mean over steps of the busiest sender), the same on the fit
+    window (balancedness_fit, copies_per_step_fit, fit_eval_gap = balancedness_fit −
+    balancedness), the current placement (expert_map if given, else contiguous) and this
+    one's improvement (balancedness / current's) and traffic_ratio (copies / current's),
+    suggested (the load-aware policy with the best fit-window balancedness, fewer fit-window
+    copies among those within 1%), and placement (device -> experts).
+    """
+    check_options("placement", options, set())
+    rows = meta[[scope.layers is None or int(x) in scope.layers for x in meta.layer]]
+    if rows.empty:
+        raise ValueError(f"run {scope.run!r} has none of layers {list(scope.layers or [])}")
+    if ep_size is None:  # one node of up to 8 GPUs that every layer's experts divide over
+        ep_size = max(g for g in range(1, 9) if all(int(e) % g == 0 for e in rows.E))
+    layout = make_layout(ep_size, gpus_per_node, redundant_slots, expert_groups, tolerance)
+    policies = parse_policies(policy, expert_map)
+    dtype_bytes = _dtype_bytes(dtype)
+    if hidden_size is not None and (not _is_int(hidden_size) or int(hidden_size) < 1):
+        raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+    if fit_steps is not None:
+        fit_steps = make_scope(scope.run, steps=fit_steps).steps
+    layers, e_by_layer = rows.layer.astype(int).tolist(), dict(zip(rows.layer.astype(int), rows.E.astype(int)))
+    e_max, k_max = int(rows.E.max()), int(rows.k.max())
+    eval_w = load_window(store, scope, layers, e_max, scope.steps)
+    same_window = fit_steps is None or fit_steps == scope.steps
+    fit_w = eval_w if same_window else load_window(store, scope, layers, e_max, fit_steps)
+    coact = None
+    if "coactivation" in policies:
+        coact = coactivation_counts(store, scope, _fit_steps(fit_steps, scope), fit_w, layout, e_max, k_max)
+    current = "map" if expert_map is not None else "contiguous"
+    wanted = list(dict.fromkeys(policies + ([current] if scope.by == "window" else [])))
+    placements: dict[str, list[Devices]] = {}
+    for p in wanted:
+        per_layer = []
+        for li, layer in enumerate(eval_w.layers.tolist()):
+            e = e_by_layer[layer]
+            try:
+                per_layer.append(build_placement(p, layout, e, fit_w.load_SLE[:, li, :e].sum(0),
+                                                 None if coact is None else coact[li, :e, :e], expert_map))
+            except ValueError as exc:
+                raise ValueError(f"layer {layer}: {exc}") from None
+        placements[p] = per_layer
+    tables = {p: _table(devs, e_max, layout.ep_size) for p, devs in placements.items()}
+    per_step = _evaluate(store, scope, scope.steps, eval_w, tables, layout, e_max, k_max, hidden_size, dtype_bytes)
+    if scope.by == "step":
+        return per_step[per_step.policy.isin(policies)].reset_index(drop=True)
+    fit_step = per_step if same_window else _evaluate(store, scope, _fit_steps(fit_steps, scope), fit_w, tables, layout,
+                                                      e_max, k_max, hidden_size, dtype_bytes)
+    per_copy = float("nan") if hidden_size is None else float(hidden_size) * dtype_bytes
+    return _summary(per_step, fit_step, policies, current, placements, eval_w.layers.tolist(), layout, per_copy)
+
+
+def _fit_steps(fit_steps, scope: Scope):
+    return scope.steps if fit_steps is None else fit_steps
+
+
+def _dtype_bytes(dtype) -> int:
+    if _is_int(dtype) and int(dtype) > 0:
+        return int(dtype)
+    if not isinstance(dtype, str) or dtype.lower().removeprefix("torch.") not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)} (or a byte count), got {dtype!r}")
+    return DTYPE_BYTES[dtype.lower().removeprefix("torch.")]
+
+
+def _table(devices_by_layer: list[Devices], e_max: int, g: int) -> np.ndarray:
+    f = np.zeros((len(devices_by_layer), e_max, g))
+    for li, devices in enumerate(devices_by_layer):
+        e = max((x for d in devices for x in d), default=-1) + 1
+        f[li, :e] = fraction_EG(devices, e, g)
+    return f
+
+
+def _evaluate(store, scope, steps, window: Window, tables, layout: Layout, e_max, k_max, hidden_size, dtype_bytes) -> pd.DataFrame:
+    """Per (policy, step, layer, device) frame for one window."""
+    r = replay(store, scope, steps, window, tables, layout, e_max, k_max)
+    n_s, n_l, g = len(window.steps), len(window.layers), layout.ep_size
+    seen_SL = r.seen.reshape(n_s, n_l)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale_SL = np.where(seen_SL > 0, window.tokens_SL / seen_SL, np.nan)
+    step_i, layer_i, dev_i = (a.ravel() for a in np.meshgrid(window.steps, window.layers, np.arange(g), indexing="ij"))
+    frames = []
+    for policy, f_LEG in tables.items():
+        tokens_SLG = np.einsum("sle,leg->slg", window.load_SLE, f_LEG)
+        mean_SL, max_SL = tokens_SLG.mean(2), tokens_SLG.max(2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bal_SL = np.where(max_SL > 0, mean_SL / max_SL, np.nan)
+            over_SL = np.where(mean_SL > 0, max_SL / mean_SL, np.nan)
+        t = r.traffic[policy]
+        copies = {name: (getattr(t, name).reshape(n_s, n_l, g) * scale_SL[:, :, None]).ravel()
+                  for name in ("sent", "recv", "sent_internode")}
+        per_copy = float("nan") if hidden_size is None else float(hidden_size) * dtype_bytes
+        frames.append(pd.DataFrame({
+            "policy": policy, "step": step_i, "layer": layer_i, "device": dev_i, "node": dev_i // layout.gpus_per_node,
+            "tokens": tokens_SLG.ravel(), "balancedness": np.repeat(bal_SL.ravel(), g),
+            "overload": np.repeat(over_SL.ravel(), g), "copies_sent": copies["sent"], "copies_recv": copies["recv"],
+            "copies_sent_internode": copies["sent_internode"], "bytes_sent": copies["sent"] * per_copy,
+            "bytes_recv": copies["recv"] * per_copy, "bytes_sent_internode": copies["sent_internode"] * per_copy}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _per_layer(df: pd.DataFrame, per_copy: float) -> pd.DataFrame:
+    steps = df.groupby(["policy", "layer", "step"], sort=False).agg(
+        balancedness=("balancedness", "first"), overload=("overload", "first"), copies=("copies_sent", "sum"),
+        sent_max=("copies_sent", "max"), internode=("copies_sent_internode", "sum"))
+    out = steps.groupby(["policy", "layer"], sort=False).agg(
+        steps=("balancedness", "size"), balancedness=("balancedness", "mean"), balancedness_min=("balancedness", "min"),
+        overload=("overload", "mean"), overload_max=("overload", "max"), copies_per_step=("copies", "mean"),
+        sent_max=("sent_max", "mean"), internode=("internode", "mean")).reset_index()
+    out["bytes_per_step"] = out.copies_per_step * per_copy
+    out["bytes_sent_max"] = out.pop("sent_max") * per_copy
+    out["bytes_internode_per_step"] = out.pop("internode") * per_copy
+    return out
+
+
+def _summary(per_step, fit_step, policies, current, placements, layers, layout: Layout, per_copy: float) -> pd.DataFrame:
+    ev = _per_layer(per_step, per_copy)
+    fit = _per_layer(fit_step, per_copy)[["policy", "layer", "balancedness", "copies_per_step"]].rename(
+        columns={"balancedness": "balancedness_fit", "copies_per_step": "copies_per_step_fit"})
+    df = ev.merge(fit, on=["policy", "layer"], how="left")
+    df["fit_eval_gap"] = df.balancedness_fit - df.balancedness
+    cur = df[df.policy == current].set_index("layer")
+    df["current"] = current
+    df["improvement"] = df.balancedness / df.layer.map(cur.balancedness)
+    df["traffic_ratio"] = df.copies_per_step / df.layer.map(cur.copies_per_step)
+    df["suggested"] = False
+    for layer, grp in df[df.policy.isin([p for p in policies if p in LOAD_AWARE])].groupby("layer"):
+        best = grp.balancedness_fit.max()
+        near = grp[grp.balancedness_fit >= best * 0.99 - 1e-12]
+        df.loc[near.copies_per_step_fit.idxmin() if near.copies_per_step_fit.notna().any() else near.index[0], "suggested"] = True
+    index = {layer: i for i, layer in enumerate(layers)}
+    df["placement"] = [placements[p][index[layer]] for p, layer in zip(df.policy, df.layer)]
+    df.insert(2, "ep_size", layout.ep_size)
+    order = {p: i for i, p in enumerate(policies)}
+    df = df[df.policy.isin(policies)]
+    return df.sort_values(["layer", "policy"], key=lambda s: s.map(order) if s.name == "policy" else s).reset_index(drop=True)
+

@@ -1,0 +1,191 @@
+"""Placement what-if against hand computations on traces whose loads, homes and optimum are known."""
+import itertools
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from whatif_traces import top1_trace, write_trace  # noqa: E402
+
+from moescope.analysis import compute_metric  # noqa: E402
+from moescope.analysis import placement as pl  # noqa: E402
+
+# Eight top-2 tokens over E=8 experts; the token at pos p lives on device p mod 4.
+EIGHT = {0: [(0, (0, 1)), (1, (0, 2)), (2, (0, 4)), (3, (0, 6)), (4, (1, 3)), (5, (2, 5)), (6, (4, 7)), (7, (6, 7))]}
+
+
+@pytest.fixture
+def eight(store):
+    write_trace(store, "eight", EIGHT, num_experts=8, top_k=2)
+    return store
+
+
+def _devices(df, column):
+    return df.sort_values("device")[column].tolist()
+
+
+def test_contiguous_placement_tokens_balance_and_bytes_equal_hand_computation(eight):
+    df = compute_metric(eight, "placement", "eight", ep_size=4, hidden_size=16, dtype="bf16")
+    assert set(df.policy) == {"contiguous"} and len(df) == 4
+    # devices hold {0,1} {2,3} {4,5} {6,7}: loads 4+2, 2+1, 2+1, 2+2
+    assert _devices(df, "tokens") == [6, 3, 3, 4]
+    assert df.balancedness.iloc[0] == pytest.approx(4 / 6) and df.overload.iloc[0] == pytest.approx(1.5)
+    assert _devices(df, "copies_sent") == [1, 2, 2, 1]
+    assert _devices(df, "copies_recv") == [3, 1, 1, 1]
+    assert _devices(df, "bytes_sent") == [32, 64, 64, 32]  # 16 values × 2 bytes per copy
+
+
+def test_round_robin_placement_tokens_balance_and_bytes_equal_hand_computation(eight):
+    df = compute_metric(eight, "placement", "eight", ep_size=4, policy="round_robin", hidden_size=4, dtype="float32")
+    assert _devices(df, "tokens") == [6, 3, 4, 3]  # {0,4} {1,5} {2,6} {3,7}
+    assert df.balancedness.iloc[0] == pytest.approx(4 / 6)
+    assert _devices(df, "copies_sent") == [3, 3, 3, 3]
+    assert _devices(df, "copies_recv") == [4, 2, 4, 2]
+    assert _devices(df, "bytes_recv") == [64, 32, 64, 32]
+
+
+def test_internode_copies_count_distinct_remote_nodes(eight):
+    df = compute_metric(eight, "placement", "eight", ep_size=4, gpus_per_node=2)
+    assert _devices(df, "node") == [0, 0, 1, 1]
+    assert _devices(df, "copies_sent_internode") == [0, 1, 1, 1]
+    assert df.bytes_sent.isna().all()  # no hidden_size: copies only
+
+
+def test_explicit_map_with_replicas_gives_expected_copies_of_a_uniform_replica_choice(eight):
+    expert_map = {0: [0, 2], 1: [0, 3], 2: 1, 3: 1, 4: 2, 5: 2, 6: 3, 7: [3, 1]}
+    df = compute_metric(eight, "placement", "eight", ep_size=4, expert_map=expert_map)
+    assert set(df.policy) == {"map"}
+    devices = {e: (d if isinstance(d, list) else [d]) for e, d in expert_map.items()}
+    load = np.bincount([e for _, ex in EIGHT[0] for e in ex], minlength=8)
+    tokens = [sum(load[e] / len(ds) for e, ds in devices.items() if d in ds) for d in range(4)]
+    assert np.allclose(_devices(df, "tokens"), tokens)
+    # Brute force: every combination of replicas, equally likely.
+    sent, recv = np.zeros(4), np.zeros(4)
+    for pos, experts in EIGHT[0]:
+        combos = list(itertools.product(*(devices[e] for e in experts)))
+        for combo in combos:
+            remote = set(combo) - {pos % 4}
+            sent[pos % 4] += len(remote) / len(combos)
+            for d in remote:
+                recv[d] += 1 / len(combos)
+    assert np.allclose(_devices(df, "copies_sent"), sent)
+    assert np.allclose(_devices(df, "copies_recv"), recv)
+
+
+def test_eplb_global_reaches_perfect_balance_where_contiguous_and_round_robin_do_not(store):
+    write_trace(store, "skew", top1_trace([8, 7, 6, 5, 4, 3, 2, 1], [0]), num_experts=8, top_k=1)
+    df = compute_metric(store, "placement", "skew", ep_size=4, policy=["contiguous", "round_robin", "eplb"])
+    bal = df.groupby("policy").balancedness.first()
+    assert bal["contiguous"] == pytest.approx(9 / 15)  # 15 11 7 3
+    assert bal["round_robin"] == pytest.approx(9 / 12)  # 12 10 8 6
+    assert bal["eplb"] == pytest.approx(1.0)  # 8+1, 7+2, 6+3, 5+4
+
+
+def test_eplb_hierarchical_keeps_expert_groups_on_their_node(store):
+    write_trace(store, "skew", top1_trace([8, 7, 6, 5, 4, 3, 2, 1], [0]), num_experts=8, top_k=1)
+    df = compute_metric(store, "placement", "skew", ep_size=4, gpus_per_node=2, expert_groups=2, policy="eplb", by="window")
+    # group {0..3} (26 tokens) on node 0 as 8+5, 7+6; group {4..7} on node 1 as 4+1, 3+2
+    assert df.placement.iloc[0] == [[0, 3], [1, 2], [4, 7], [5, 6]]
+    assert df.balancedness.iloc[0] == pytest.approx(9 / 13)
+    glob = compute_metric(store, "placement", "skew", ep_size=4, gpus_per_node=2, policy="eplb_global", by="window")
+    assert glob.balancedness.iloc[0] == pytest.approx(1.0)
+
+
+def test_eplb_replicates_the_hot_expert_into_redundant_slots(store):
+    write_trace(store, "hot", top1_trace([12, 4, 4, 4], [0]), num_experts=4, top_k=1)
+    df = compute_metric(store, "placement", "hot", ep_size=4, redundant_slots=4, policy=["contiguous", "eplb"], by="window")
+    eplb = df[df.policy == "eplb"].iloc[0]
+    assert sorted(x for d in eplb.placement for x in d) == [0, 0, 0, 0, 1, 1, 2, 3]  # 12/4 = 3 per copy, 4/2 = 2
+    assert eplb.balancedness == pytest.approx(1.0)
+    cont = df[df.policy == "contiguous"].iloc[0]
+    assert cont.placement == [[0, 1], [2, 3], [0, 1], [2, 3]]
+    assert cont.balancedness == pytest.approx(6 / 8)
+
+
+def test_suggestion_fitted_on_past_window_is_judged_on_the_later_one(store):
+    trace = top1_trace([8, 7, 6, 5, 4, 3, 2, 1], [0, 1])
+    trace.update(top1_trace([1, 1, 1, 1, 1, 1, 1, 9], [2, 3]))
+    write_trace(store, "shift", trace, num_experts=8, top_k=1)
+    past = compute_metric(store, "placement", "shift", ep_size=4, policy="eplb", by="window", fit_steps=(0, 1), steps=(0, 1))
+    assert past.balancedness.iloc[0] == pytest.approx(1.0) and past.fit_eval_gap.iloc[0] == pytest.approx(0.0)
+    later = compute_metric(store, "placement", "shift", ep_size=4, policy="eplb", by="window", fit_steps=(0, 1), steps=(2, 3))
+    row = later.iloc[0]
+    assert row.placement == [[0, 7], [1, 6], [2, 5], [3, 4]]
+    assert row.balancedness_fit == pytest.approx(1.0)
+    assert row.balancedness == pytest.approx(4 / 10)  # later loads: 1+9, 2, 2, 2
+    assert row.fit_eval_gap == pytest.approx(1 - 0.4)
+    # contiguous gets 2 2 2 10 on the later traffic: the past-fitted map is no better there
+    assert row.current == "contiguous" and row.improvement == pytest.approx(1.0)
+    assert bool(row.suggested)
+
+
+def test_suggested_map_reaches_the_optimum_and_cuts_copies_against_contiguous(store):
+    # pairs (0,7) (1,6) (2,5) (3,4) always fire together, equal loads: the optimum is balance 1
+    # with each pair on one device, one copy per token not living there.
+    pairs = [(0, 7), (1, 6), (2, 5), (3, 4)]
+    trace = {s: [(4 * q + r, pairs[q]) for q in range(4) for r in range(4)] for s in range(4)}
+    write_trace(store, "pairs", trace, num_experts=8, top_k=2)
+    df = compute_metric(store, "placement", "pairs", ep_size=4, policy=["contiguous", "eplb", "coactivation"], by="window",
+                        fit_steps=(0, 1), steps=(2, 3), hidden_size=8)
+    by = df.set_index("policy")
+    assert by.loc["contiguous", "copies_per_step"] == 24 and by.loc["eplb", "copies_per_step"] == 24
+    best = df[df.suggested]
+    assert best.policy.tolist() == ["coactivation"]
+    assert sorted(map(sorted, best.placement.iloc[0])) == [[0, 7], [1, 6], [2, 5], [3, 4]]
+    assert best.balancedness.iloc[0] == pytest.approx(1.0)
+    assert best.copies_per_step.iloc[0] == 12  # 16 tokens, 4 of them live on their pair's device
+    assert best.bytes_per_step.iloc[0] == 12 * 8 * 2
+    assert best.traffic_ratio.iloc[0] == pytest.approx(0.5)
+
+
+def test_rows_written_out_of_order_give_the_same_answer(store):
+    write_trace(store, "ordered", EIGHT, num_experts=8, top_k=2)
+    write_trace(store, "shuffled", EIGHT, num_experts=8, top_k=2, shuffle_seed=3)
+    a = compute_metric(store, "placement", "ordered", ep_size=4, policy="all")
+    b = compute_metric(store, "placement", "shuffled", ep_size=4, policy="all")
+    assert a.equals(b)
+
+
+def test_sampled_routing_rows_scale_copies_to_the_exact_token_count(store):
+    # 16 tokens (the eight twice; pos + 8 has the same home), routing rows kept for the first 8 only
+    trace = {0: EIGHT[0] + [(pos + 8, experts) for pos, experts in EIGHT[0]]}
+    write_trace(store, "sampled", trace, num_experts=8, top_k=2, routing_positions=set(range(8)))
+    df = compute_metric(store, "placement", "sampled", ep_size=4)
+    assert _devices(df, "tokens") == [12, 6, 6, 8]  # exact, from expert_step
+    assert _devices(df, "copies_sent") == [2, 4, 4, 2]  # the sample's copies × 16 / 8
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"ep_size": 0}, "ep_size must be an int >= 1"),
+    ({"ep_size": 3}, "do not divide over ep_size 3"),
+    ({"ep_size": 4, "gpus_per_node": 3}, "gpus_per_node"),
+    ({"ep_size": 4, "policy": "best"}, "policy must be one of"),
+    ({"ep_size": 4, "policy": "map"}, "needs expert_map"),
+    ({"ep_size": 4, "expert_map": [0, 1]}, "places no device for expert"),
+    ({"ep_size": 4, "expert_map": [0, 1, 2, 3, 0, 1, 2, 9]}, "devices are 0..3"),
+    ({"ep_size": 4, "dtype": "fp7"}, "dtype must be one of"),
+    ({"ep_size": 4, "fit_steps": (5, 1)}, "lo <= hi"),
+    ({"ep_size": 4, "fit_steps": (100, 200)}, "no expert_step rows"),
+    ({"ep_size": 4, "capacity": 2}, "does not take option"),
+])
+def test_bad_options_are_one_line_value_errors(eight, kwargs, fragment):
+    with pytest.raises(ValueError, match=None) as err:
+        compute_metric(eight, "placement", "eight", **kwargs)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_single_and_replica_paths_agree_without_replicas(eight):
+    layout = pl.make_layout(4, 2, 0, 1, 0.0)
+    window = pl.load_window(eight, pl.make_scope("eight"), [0], 8, None)
+    table = pl._table([pl.round_robin(8, 8, 4)], 8, 4)
+    single = pl.replay(eight, pl.make_scope("eight"), None, window, {"rr": table}, layout, 8, 2).traffic["rr"]
+    r = pl._Replay(window, {"rr": table}, layout, 8, 2, False)
+    for chunk in pl._routing_chunks(eight, pl.make_scope("eight"), None, [0], ordered=False):
+        c = {k: v for k, v in chunk.items()}
+        grp = window.group(c["step"], c["layer"].astype(np.int64))
+        r._add_replicated(r.traffic["rr"], table, grp, grp % 1, c["slot"].astype(np.int64), c["expert"].astype(np.int64),
+                          c["pos"].astype(np.int64) % 4)
+    for name in ("sent", "recv", "sent_internode"):
+        assert np.allclose(getattr(single, name), getattr(r.traffic["rr"], name))
