@@ -77,7 +77,10 @@ def check_webhook(url, allowed_hosts: Iterable[str] = ()) -> str:
     odd = next((c for c in url if c.isspace() or unicodedata.category(c).startswith("C")), None)
     if odd is not None:
         raise ValueError(f"webhook URL holds a space or control character {odd!r}")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise ValueError(f"webhook URL is invalid: {exc}") from None
     if parts.scheme.lower() not in ("http", "https"):
         raise ValueError(f"webhook must be an http(s) URL, got scheme {parts.scheme!r}")
     if "@" in parts.netloc:

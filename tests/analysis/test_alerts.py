@@ -16,27 +16,42 @@ from moescope.analysis import alerts  # noqa: E402
 from moescope.frame import Frame  # noqa: E402
 
 
+class HookServer:
+    """A tiny webhook receiver on 127.0.0.1: collects JSON bodies, answers with `answers` in turn (then 204)."""
+
+    def __init__(self):
+        received, answers = [], []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(answers.pop(0) if answers else 204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.received, self.answers = received, answers
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @pytest.fixture
-def hook():
-    """A tiny webhook receiver on 127.0.0.1 collecting JSON bodies."""
-    received = []
+def hook_server():
+    server = HookServer()
+    yield server
+    server.close()
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.append(json.loads(body))
-            self.send_response(204)
-            self.end_headers()
 
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/hook", received
-    server.shutdown()
-    server.server_close()
+@pytest.fixture
+def hook(hook_server):
+    """(url, bodies received) of a webhook receiver on loopback."""
+    return hook_server.url, hook_server.received
 
 
 def _write_step(store, step, collapsed):
