@@ -220,7 +220,7 @@ def cmd_alerts(args) -> int:
 def _describe_rule(rule: dict) -> str:
     where = " ".join(f"{k} {rule[k]}" for k in ("run", "layer", "expert") if rule.get(k) is not None) or "every run"
     agg = {"step": "per step", "window": f"over a rolling window of {rule['window_steps']} steps",
-           "ema": f"as an exponential moving average (alpha {rule.get('ema_alpha')})"}[rule["aggregation"]]
+           "ema": f"as an exponential moving average (alpha {rule.get('ema_alpha') or 0:.4g})"}[rule["aggregation"]]
     return (f"{rule['metric']} {agg} {rule['comparison']} {rule['threshold']:g} ({where}), "
             f"firing after {rule['for_evaluations']} consecutive step(s)")
 
