@@ -75,26 +75,27 @@ class AlertRecords:
         return rows
 
     def undelivered_alert_events(self, max_attempts: int) -> list[dict]:
-        """Events of rules with a webhook, not delivered yet, tried fewer than `max_attempts` times; oldest first."""
+        """Events of rules with a webhook, not delivered yet, tried fewer than `max_attempts` times; oldest first.
+
+        Events written before attempts were counted (attempts NULL) are not sent late.
+        """
         ev, ru = md.alert_events.c, md.alert_rules.c
         q = (select(md.alert_events, ru.webhook, ru.name.label("rule"), ru.metric, ru.layer.label("rule_layer"),
                     ru.expert, ru.comparison, ru.threshold, ru.aggregation)
              .join(md.alert_rules, ru.id == ev.rule_id)
              .where(ev.state.in_(_EVENT_STATES), ev.notified.is_(False), ru.webhook.is_not(None),
-                    (ev.attempts.is_(None)) | (ev.attempts < max_attempts))
+                    ev.attempts < max_attempts)
              .order_by(ev.id))
         with self.engine.connect() as conn:
             rows = [dict(r._mapping) for r in conn.execute(q)]
-        for r in rows:
-            r["attempts"] = r.get("attempts") or 0
         return rows
 
     def claim_alert_delivery(self, event_id: int, attempts: int) -> bool:
         """Count one delivery attempt, if nobody else counted it first (compare-and-set on attempts)."""
         ev = md.alert_events.c
-        seen = (ev.attempts.is_(None) | (ev.attempts == 0)) if attempts == 0 else ev.attempts == attempts
         with self.engine.begin() as conn:
-            return conn.execute(update(md.alert_events).where(ev.id == event_id, ev.notified.is_(False), seen)
+            return conn.execute(update(md.alert_events).where(ev.id == event_id, ev.notified.is_(False),
+                                                              ev.attempts == attempts)
                                 .values(attempts=attempts + 1)).rowcount == 1
 
     def mark_alert_delivered(self, event_id: int) -> None:

@@ -20,8 +20,8 @@ from moescope.settings import Settings, get_settings
 
 app = Celery("moescope", include=["moescope.collector.tasks"])
 app.steps["worker"].add(IngestStep)
-app.user_options["worker"].add(Option(("--ingest-threads",), type=int, default=2,
-                                      help="frame-stream consumer threads in this worker (default 2)"))
+app.user_options["worker"].add(Option(("--ingest-threads",), type=int, default=None,
+                                      help="frame-stream consumer threads in this worker (default: settings.ingest_threads)"))
 
 _settings: Settings | None = None
 
@@ -57,8 +57,6 @@ def configure(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         beat_schedule=schedule,
         beat_schedule_filename=str(Path(settings.store) / "celerybeat-schedule"),
-        # Pending frames of a consumer that died are taken over after this much idle time.
-        moescope_claim_idle_s=float(settings.claim_idle_s),
     )
     return app
 
@@ -68,13 +66,14 @@ configure(current_settings())
 
 def _export_env(settings: Settings) -> None:
     # Pool children and `celery` re-imports read settings from the environment.
-    for name in ("store", "database_url", "broker_url", "stream", "dead_letter_stream", "claim_idle_s"):
+    for name in ("store", "database_url", "broker_url", "stream", "dead_letter_stream", "claim_idle_s", "ack_ttl_s",
+                 "ingest_threads"):
         value = getattr(settings, name)
         if value is not None:
             os.environ[f"MOESCOPE_{name.upper()}"] = str(value)
 
 
-def run_worker(settings: Settings, concurrency: int = 1, *, ingest_threads: int = 2, pool: str = "threads",
+def run_worker(settings: Settings, concurrency: int = 1, *, ingest_threads: int | None = None, pool: str = "threads",
                loglevel: str = "INFO", hostname: str | None = None) -> int:
     """Run a Celery worker (ingest bootstep + scheduled tasks) in this process until stopped."""
     if concurrency < 1:
@@ -83,7 +82,7 @@ def run_worker(settings: Settings, concurrency: int = 1, *, ingest_threads: int 
     configure(settings)
     Path(settings.store).mkdir(parents=True, exist_ok=True)
     argv = ["worker", f"--concurrency={concurrency}", f"--pool={pool}", f"--loglevel={loglevel}",
-            f"--ingest-threads={ingest_threads}", "--without-gossip", "--without-mingle"]
+            f"--ingest-threads={ingest_threads or settings.ingest_threads}", "--without-gossip", "--without-mingle"]
     if hostname:
         argv.append(f"--hostname={hostname}")
     app.worker_main(argv)

@@ -24,10 +24,11 @@ log = logging.getLogger(__name__)
 
 
 class IngestService:
-    def __init__(self, settings: Settings, threads: int = 2, *, claim_idle_ms: int = 30_000):
+    def __init__(self, settings: Settings, threads: int | None = None):
+        threads = settings.ingest_threads if threads is None else threads
         if threads < 1:
             raise ValueError(f"ingest threads must be >= 1, got {threads}")
-        self.settings, self.threads, self.claim_idle_ms = settings, threads, claim_idle_ms
+        self.settings, self.threads = settings, threads
         self.stop_event = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -71,7 +72,8 @@ class IngestService:
         client = redis.Redis.from_url(self.settings.broker_url, socket_timeout=30, socket_connect_timeout=5,
                                       health_check_interval=10)
         ingestor = StreamIngestor(store, client, self.settings.stream, self.settings.dead_letter_stream,
-                                  consumer_name(index), claim_idle_ms=self.claim_idle_ms)
+                                  consumer_name(index), claim_idle_ms=int(self.settings.claim_idle_s * 1000),
+                                  ack_ttl_s=self.settings.ack_ttl_s)
         while not self.stop_event.is_set():
             if not wait_for_redis(client, self.stop_event):
                 break
@@ -99,17 +101,16 @@ class IngestStep(bootsteps.StartStopStep):
 
     def __init__(self, worker, ingest_threads: int | None = None, **kwargs):
         super().__init__(worker, **kwargs)
-        self.threads = int(ingest_threads) if ingest_threads else 2
+        self.threads = int(ingest_threads) if ingest_threads else None  # None: settings.ingest_threads
         self.service: IngestService | None = None
 
     def start(self, worker) -> None:
         from moescope.collector.celery_app import current_settings
 
         settings = current_settings()
-        claim_ms = int(float(worker.app.conf.get("moescope_claim_idle_s", 30.0)) * 1000)
-        self.service = IngestService(settings, self.threads, claim_idle_ms=claim_ms)
+        self.service = IngestService(settings, self.threads)
         self.service.start()
-        log.info("ingest: %d consumer thread(s) on stream %r", self.threads, settings.stream)
+        log.info("ingest: %d consumer thread(s) on stream %r", self.service.threads, settings.stream)
 
     def stop(self, worker) -> None:
         if self.service is not None:

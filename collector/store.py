@@ -28,7 +28,7 @@ from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 from moescope.collector import metadata as md
 from moescope.collector.alert_records import AlertRecords
 from moescope.frame import Frame
-from moescope.schema import TABLES, SchemaError, check_frame_id, check_run_id
+from moescope.schema import LAYER_FIELDS, TABLES, SchemaError, check_frame_id, check_run_id
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,11 @@ class Store(AlertRecords):
                 raise StoreError(f"store directory {str(self.root)!r} is not writable: {exc.strerror or exc}") from None
         elif not self.root.is_dir():
             raise StoreError(f"no store at {str(self.root)!r}")
-        self.database_url = database_url or os.environ.get("MOESCOPE_DATABASE_URL") or f"sqlite:///{self.root / 'meta.sqlite'}"
+        if database_url is None:
+            from moescope.settings import get_settings
+
+            database_url = get_settings().database_url
+        self.database_url = database_url or f"sqlite:///{self.root / 'meta.sqlite'}"
         if not create:
             _require_sqlite_file(self.database_url)
         self.engine = _engine_with_retry(self.database_url)
@@ -177,8 +181,7 @@ class Store(AlertRecords):
             if not conn.execute(select(md.layers.c.layer).where(key)).first():
                 try:
                     with conn.begin_nested():
-                        conn.execute(insert(md.layers).values(run=frame.run, **{k: layer.get(k) for k in (
-                            "layer", "module_path", "num_experts", "top_k", "router_kind", "capacity_factor")}))
+                        conn.execute(insert(md.layers).values(run=frame.run, **{k: layer.get(k) for k in LAYER_FIELDS}))
                 except IntegrityError:
                     pass
         for ckpt in frame.meta.get("checkpoints", []):

@@ -32,11 +32,11 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from moescope.collector.store import CONFLICT_REASON, FrameConflict, Store, StoreError
 from moescope.frame import FrameError, decode, read_header
 from moescope.schema import SchemaError, check_run_id
+from moescope.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 GROUP = "moescope-ingest"
-ACK_TTL_S = 7 * 86400
 # Dead letters keep at most this much of each message, and the stream at most
 # DEAD_LETTER_BUDGET bytes in all (trimmed oldest first).
 _DEAD_BYTES_KEPT = 16 << 20
@@ -66,13 +66,17 @@ class StreamIngestor:
     """One consumer of the frame stream. `run(stop)` loops until the event is set."""
 
     def __init__(self, store: Store, client: redis.Redis, stream: str, dead_letter_stream: str, consumer: str, *,
-                 claim_idle_ms: int = 30_000, block_ms: int = 1000, dead_budget_bytes: int = DEAD_LETTER_BUDGET,
-                 max_attempts: int = 8, max_backoff_s: float = 30.0):
+                 claim_idle_ms: int | None = None, block_ms: int = 1000, dead_budget_bytes: int = DEAD_LETTER_BUDGET,
+                 max_attempts: int = 8, max_backoff_s: float = 30.0, ack_ttl_s: int | None = None):
+        if claim_idle_ms is None or ack_ttl_s is None:
+            settings = get_settings()
+            claim_idle_ms = int(settings.claim_idle_s * 1000) if claim_idle_ms is None else claim_idle_ms
+            ack_ttl_s = settings.ack_ttl_s if ack_ttl_s is None else ack_ttl_s
         self.store, self.client = store, client
         self.stream, self.dead_letter_stream, self.consumer = stream, dead_letter_stream, consumer
         self.parked_stream = f"{stream}:parked"
         self.claim_idle_ms, self.block_ms, self.dead_budget_bytes = claim_idle_ms, block_ms, dead_budget_bytes
-        self.max_attempts, self.max_backoff_s = max_attempts, max_backoff_s
+        self.max_attempts, self.max_backoff_s, self.ack_ttl_s = max_attempts, max_backoff_s, ack_ttl_s
         self.counts = {"stored": 0, "duplicate": 0, "dead": 0, "claimed": 0, "retries": 0, "rows": 0, "store_errors": 0,
                        "parked": 0}
         self._failures: dict[str, int] = {}
@@ -191,7 +195,7 @@ class StreamIngestor:
         # Only sets under this stream's ack prefix: a message cannot make us write elsewhere.
         if frame_id and ack_key.startswith(f"{self.stream}:acks:"):
             pipe.sadd(ack_key, frame_id)
-            pipe.expire(ack_key, ACK_TTL_S)
+            pipe.expire(ack_key, self.ack_ttl_s)
         pipe.execute()
 
     def _dead(self, msg_id, mid: str, reason: str, header: dict | None, data: bytes, ack_key: str) -> str:
@@ -211,7 +215,7 @@ class StreamIngestor:
         if frame_id and ack_key.startswith(f"{self.stream}:acks:"):
             rejected = rejected_key(ack_key)
             pipe.hset(rejected, frame_id, reason[:500])
-            pipe.expire(rejected, ACK_TTL_S)
+            pipe.expire(rejected, self.ack_ttl_s)
         pipe.execute()
         return "dead"
 

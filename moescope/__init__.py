@@ -1,7 +1,12 @@
 """moescope: Mixture-of-Experts observability and router analysis."""
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # pyproject.toml holds the one version string
+    __version__ = version("moescope")
+except PackageNotFoundError:  # running from a checkout that was never installed
+    __version__ = "0+unknown"
 
 
 def open_store(root=None, database_url=None, *, create: bool = True):

@@ -319,7 +319,7 @@ def report_errors():
     except KeyboardInterrupt:
         sys.exit(130)
     except USER_ERRORS as exc:
-        if os.environ.get("MOESCOPE_DEBUG"):
+        if get_settings().debug:
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"moescope: error: {msg}", file=sys.stderr)

@@ -181,8 +181,38 @@ def _check_header(header: Any) -> None:
     producer = header["producer"]
     if not producer or len(producer) > MAX_PRODUCER_LEN or not producer.isprintable():
         raise FrameError(f"frame header producer {producer[:80]!r} must be 1..{MAX_PRODUCER_LEN} printable characters")
-    if not isinstance(header.get("meta", {}), dict):
+    _check_meta(header.get("meta", {}))
+
+
+# Registrations a frame may carry: field -> (types allowed, required). Checked here so a
+# hostile header is a dead letter with its reason, never an error deep in the store.
+_LAYER_TYPES = {"layer": ((int,), True), "module_path": ((str,), True), "num_experts": ((int,), True),
+                "top_k": ((int,), True), "router_kind": ((str,), True), "capacity_factor": ((int, float, type(None)), False)}
+_CHECKPOINT_TYPES = {"checkpoint": ((str,), True), "step": ((int, type(None)), False), "path": ((str, type(None)), False)}
+
+
+def _check_meta(meta: Any) -> None:
+    if not isinstance(meta, dict):
         raise FrameError("frame header field 'meta' is not an object")
+    for key, types in (("layers", _LAYER_TYPES), ("checkpoints", _CHECKPOINT_TYPES)):
+        entries = meta.get(key, [])
+        if not isinstance(entries, list) or len(entries) > 100_000:
+            raise FrameError(f"frame meta {key!r} must be a list")
+        for entry in entries:
+            bad = not isinstance(entry, dict) or any(
+                (name not in entry and required) or (name in entry and (not isinstance(entry[name], allowed)
+                                                                        or isinstance(entry[name], bool)))
+                for name, (allowed, required) in types.items())
+            if bad:
+                raise FrameError(f"frame meta {key!r} entry {str(entry)[:200]} does not match "
+                                 f"{ {n: [t.__name__ for t in a] for n, (a, _) in types.items()} }")
+            if key == "layers" and not (0 <= entry["layer"] < 2**15 and 0 < entry["num_experts"] < 2**15
+                                        and 0 < entry["top_k"] <= entry["num_experts"]):
+                raise FrameError(f"frame meta layer entry {str(entry)[:200]} has out-of-range sizes")
+            if key == "checkpoints" and not 0 < len(entry["checkpoint"]) <= 200:
+                raise FrameError("frame meta checkpoint names must be 1..200 characters")
+    if not isinstance(meta.get("run_config", {}) or {}, dict):
+        raise FrameError("frame meta 'run_config' must be an object")
 
 
 def _is_int(x: Any) -> bool:

@@ -83,8 +83,8 @@ EXPERT_STEP = pa.schema(
 TABLES: dict[str, pa.Schema] = {"routing": ROUTING, "token_stats": TOKEN_STATS, "expert_step": EXPERT_STEP}
 
 
-def empty_tables() -> dict[str, pa.Table]:
-    return {name: schema.empty_table() for name, schema in TABLES.items()}
+# What a frame's meta["layers"] entry holds about one MoE layer (the store's `layers` table).
+LAYER_FIELDS = ("layer", "module_path", "num_experts", "top_k", "router_kind", "capacity_factor")
 
 
 def conform(name: str, table: pa.Table) -> pa.Table:

@@ -24,7 +24,7 @@ from moescope.frame import Frame
 from moescope.probe.capture import (AGG_DROPPED, AGG_NUM_TOKENS, AGG_PROB, AGG_TOKENS, AGG_TOP1, AGG_WEIGHT,
                                     CallTensors)
 from moescope.probe.adapters.base import RouterSite
-from moescope.schema import EXPERT_STEP, ROUTING, TOKEN_STATS, conform
+from moescope.schema import EXPERT_STEP, LAYER_FIELDS, ROUTING, TOKEN_STATS, conform
 
 log = logging.getLogger("moescope.probe")
 
@@ -64,8 +64,7 @@ def default_producer(rank: int) -> str:
 
 
 def layer_meta(site: RouterSite) -> dict[str, Any]:
-    return {"layer": site.layer, "module_path": site.module_path, "num_experts": site.num_experts,
-            "top_k": site.top_k, "router_kind": site.router_kind, "capacity_factor": site.capacity_factor}
+    return {name: getattr(site, name) for name in LAYER_FIELDS}
 
 
 def keep_sequences(seed: int, step: int, rank: int, microbatch: int, batch: int, rate: float) -> np.ndarray:
@@ -254,10 +253,6 @@ class Framer:
             cols["weight_sum"] += agg_6E[AGG_WEIGHT].tolist()
             cols["phase"] += [phase] * e
         return pa.table(cols, schema=EXPERT_STEP)
-
-    @property
-    def has_pending(self) -> bool:
-        return bool(self._routing or self._token_stats or self._expert or self._checkpoints or self._layers_to_send)
 
     def emit(self, *, final: bool = False, dropped_seqs: list[int] | None = None, extra_meta: dict | None = None) -> Frame:
         """Cut the pending data into the next frame (its seq is this producer's next number)."""

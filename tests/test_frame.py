@@ -101,3 +101,17 @@ def test_a_frame_that_decodes_past_the_byte_bound_is_refused_before_it_is_whole(
     with pytest.raises(FrameError, match="decodes to more than 1000 bytes"):
         decode(data, max_decoded_bytes=1000)
     assert decode(data).tables["expert_step"].num_rows == 4096
+
+
+@pytest.mark.parametrize("meta, message", [
+    ({"layers": [{"layer": "x"}]}, "does not match"),
+    ({"layers": [{"layer": 0, "module_path": "m", "num_experts": 8, "top_k": 9, "router_kind": "k"}]}, "out-of-range"),
+    ({"checkpoints": [{"step": 3}]}, "does not match"),
+    ({"checkpoints": [{"checkpoint": "c" * 201}]}, "1..200"),
+    ({"layers": {}}, "must be a list"),
+    ({"run_config": [1]}, "must be an object"),
+])
+def test_hostile_registrations_in_meta_are_refused_with_the_reason(meta, message):
+    data = encode(Frame(run="r", producer="p", seq=0, tables={"expert_step": expert_step()}, meta=meta))
+    with pytest.raises(FrameError, match=message):
+        decode(data)

@@ -58,11 +58,6 @@ def parent_path(path: str) -> str:
     return path.rsplit(".", 1)[0] if "." in path else ""
 
 
-def flat(x: torch.Tensor, last: int) -> torch.Tensor:
-    """Flatten leading dims: (..., last) -> (T, last)."""
-    return x.reshape(-1, last)
-
-
 def sort_slots(ids_TK: torch.Tensor, weights_TK: torch.Tensor, *extra_TK: torch.Tensor):
     """Reorder slots so slot 0 carries the largest gate weight (stable: ties keep order)."""
     order_TK = torch.argsort(weights_TK, dim=-1, descending=True, stable=True)

@@ -248,7 +248,7 @@ def test_cli_read_only_command_on_a_truncated_store_is_one_line(tmp_path):
     Store(root).close()
     (root / "meta.sqlite").write_bytes(b"SQLite format 3\0" + b"\x07" * 50)
     proc = subprocess.run([*CLI, "runs", "--store", str(root)], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "MOESCOPE_DEBUG": ""})
+                          text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "MOESCOPE_DEBUG"})
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("moescope: error:"), proc.stderr
 
