@@ -137,7 +137,7 @@ def add_rule(store, name: str, metric: str, comparison: str, threshold: float, *
     if not isinstance(name, str) or not name.strip() or len(name) > 200:
         raise ValueError(f"rule name must be a non-empty string of at most 200 characters, got {name!r}")
     name = name.strip()
-    if any(unicodedata.category(c).startswith("C") for c in name):
+    if _odd_name(name):
         raise ValueError(f"rule name must not hold control characters, got {name!r}")
     if name.isnumeric():
         raise ValueError(f"rule name must not be all digits (numbers address rules by id), got {name!r}")
@@ -167,6 +167,10 @@ def add_rule(store, name: str, metric: str, comparison: str, threshold: float, *
                   for_evaluations=for_evaluations, webhook=webhook, enabled=bool(enabled), created_at=time.time())
     rule_id = store.insert_alert_rule(values)
     return _public({"id": rule_id, **values})
+
+
+def _odd_name(name: str) -> bool:
+    return len(name) > 200 or any(unicodedata.category(c).startswith("C") for c in name)
 
 
 def _check_aggregation(aggregation, window_steps, ema_alpha, ema_span) -> tuple[int, float | None]:
@@ -234,6 +238,8 @@ def get_rule(store, rule: int | str | dict) -> dict | None:
     """A rule by id (int) or name (str); a dict is taken as the rule itself."""
     if isinstance(rule, dict):
         return _public(rule)
+    if not _is_int(rule) and (not isinstance(rule, str) or _odd_name(rule)):
+        return None  # no stored rule can have it (and PostgreSQL refuses NUL in a query)
     found = store.alert_rule(rule_id=rule) if _is_int(rule) else store.alert_rule(name=rule)
     return None if found is None else _public(found)
 
@@ -257,6 +263,14 @@ def _require_rule(store, rule) -> dict:
     return found
 
 
+def _require_run(store, run: str) -> None:
+    try:
+        check_run_id(run)
+    except SchemaError as exc:
+        raise ValueError(str(exc)) from None
+    store.require_run(run)
+
+
 def rule_series(store, rule: int | str | dict, run: str, steps: tuple[int, int] | None = None) -> pd.DataFrame:
     """The series `rule` evaluates on `run`: columns step, value, threshold, holds (the condition at that step).
 
@@ -265,7 +279,7 @@ def rule_series(store, rule: int | str | dict, run: str, steps: tuple[int, int] 
     compares with the threshold. Plot `value` and `threshold` to show what the rule sees.
     """
     rule = _require_rule(store, rule)
-    store.require_run(run)
+    _require_run(store, run)
     if steps is not None:
         steps = make_scope(run, steps=steps).steps
     since = steps[0] if steps is not None and rule["aggregation"] != "ema" else None
@@ -397,7 +411,7 @@ def _advance(state: dict, rows: list[tuple[int, float, dict]], rule: dict) -> tu
 def replay(store, rule: int | str | dict, run: str) -> list[dict]:
     """When `rule` would have fired and resolved over the recorded history of `run` (one evaluation per step)."""
     rule = _require_rule(store, rule)
-    store.require_run(run)
+    _require_run(store, run)
     rows, _ = _series_rows(store, rule, run)
     _, transitions = _advance(_fresh_state(), rows, rule)
     return [{"state": st, "step": step, "value": value, "threshold": float(rule["threshold"])}

@@ -107,6 +107,7 @@ def test_an_older_sqlite_store_gains_the_new_alert_columns_and_keeps_its_rules(t
         assert rule["name"] == "old" and rule["aggregation"] == "window" and rule["window_steps"] == 10
         [event] = alerts.list_events(store)
         assert event["attempts"] == 0 and event["state"] == "firing"
+        assert store.undelivered_alert_events(max_attempts=5) == []  # an old event is not sent late
         assert store.alert_state(1, "r")["firing"] is True
         assert alerts.add_rule(store, "new", "cv", ">", 1.0, aggregation="ema", ema_span=9)["ema_alpha"] == 0.2
         Store(tmp_path / "store").close()  # opening again finds the columns present

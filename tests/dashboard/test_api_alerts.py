@@ -106,6 +106,9 @@ def test_rule_series_route_returns_the_evaluated_series_with_its_threshold(clien
     per_step = want.groupby("step")["maxvio"].mean()
     assert [r["value"] for r in rows] == pytest.approx(list(per_step))
     assert client.get("/api/alerts/imbalance/series", params={"run": "nope"}).status_code == 404
+    assert client.get("/api/alerts/imbalance/series", params={"run": "bad\x00run"}).status_code == 400
+    assert client.get("/api/alerts/imbalance/replay", params={"run": RUN}).status_code == 200
+    assert client.get("/api/alerts/a%00b").status_code == 404
     assert client.get("/api/alerts/nope/series", params={"run": RUN}).status_code == 404
     assert len(LAYERS) == 2
 
