@@ -3,11 +3,23 @@ an older SQLite store (alert tables without the new columns) opens and keeps its
 from __future__ import annotations
 
 import sqlite3
+import sys
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
+from moescope.analysis import alerts
 from moescope.collector.alert_records import DuplicateAlertRule
 from moescope.collector.store import Store
+from moescope.frame import Frame
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "analysis"))
+from synth_runs import E, StepData, T, collapsed_layer, make_layer_tables, uniform_layer  # noqa: E402
 
 RULE = dict(name="dead", metric="dead_experts", run=None, layer=None, expert=None, comparison=">", threshold=0.0,
             aggregation="window", window_steps=5, ema_alpha=None, for_evaluations=1, webhook="http://h/x",
@@ -96,8 +108,6 @@ INSERT INTO alert_events VALUES (1, 1, 'r', NULL, 'firing', 3.0, 4, '{}', 0, 0.0
 
 
 def test_an_older_sqlite_store_gains_the_new_alert_columns_and_keeps_its_rules(tmp_path):
-    from moescope.analysis import alerts
-
     (tmp_path / "store").mkdir()
     with sqlite3.connect(tmp_path / "store" / "meta.sqlite") as db:
         db.executescript(OLD_SCHEMA)
@@ -113,3 +123,46 @@ def test_an_older_sqlite_store_gains_the_new_alert_columns_and_keeps_its_rules(t
         Store(tmp_path / "store").close()  # opening again finds the columns present
     finally:
         store.close()
+
+
+def _collapse_run(store, steps):
+    """Run "r": layer 1 routes every token to expert 0 at the given steps, spreads tokens evenly otherwise."""
+    for step, collapsed in steps:
+        layer = collapsed_layer(1) if collapsed else uniform_layer(1)
+        s = StepData(step=step, checkpoint="c0", token_ids_T=np.zeros(T, int), layers=[uniform_layer(0), layer])
+        parts = [make_layer_tables("r", s, ls) for ls in s.layers]
+        tables = {n: pa.concat_tables([p[n] for p in parts]) for n in ("routing", "token_stats", "expert_step")}
+        store.write_frame(Frame(run="r", producer="p", seq=step, tables=tables, frame_id=uuid.uuid4().hex, meta={}))
+
+
+def test_live_evaluation_fires_and_resolves_on_each_backend(meta_store):
+    _collapse_run(meta_store, [(0, False)])
+    rule = alerts.add_rule(meta_store, "dead", "dead_experts", ">=", 1, run="r", layer=1, aggregation="step")
+    assert alerts.evaluate_alerts(meta_store) == []
+    _collapse_run(meta_store, [(1, True), (2, True), (3, False)])
+    events = alerts.evaluate_alerts(meta_store)
+    assert [(ev["state"], ev["step"], ev["value"]) for ev in events] == [("firing", 1, E - 1), ("resolved", 3, 0.0)]
+    assert [ev["state"] for ev in alerts.list_events(meta_store, rule_id=rule["id"])] == ["resolved", "firing"]
+
+
+def test_evaluators_running_at_once_record_each_transition_once(meta_store):
+    _collapse_run(meta_store, [(0, False)])
+    alerts.add_rule(meta_store, "dead", "dead_experts", ">=", 1, run="r", layer=1, aggregation="step")
+    alerts.evaluate_alerts(meta_store)
+    _collapse_run(meta_store, [(1, True), (2, True)])
+    stores = [Store(meta_store.root, meta_store.database_url) for _ in range(4)]
+    barrier = threading.Barrier(len(stores))
+
+    def evaluate(s):
+        barrier.wait()
+        return alerts.evaluate_alerts(s)
+
+    try:
+        with ThreadPoolExecutor(len(stores)) as pool:
+            results = list(pool.map(evaluate, stores))
+    finally:
+        for s in stores:
+            s.close()
+    # Whichever evaluators won, the firing transition exists once, reported by exactly one of them.
+    assert sum(len(r) for r in results) == 1
+    assert [ev["state"] for ev in alerts.list_events(meta_store)] == ["firing"]
