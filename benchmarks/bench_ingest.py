@@ -13,7 +13,12 @@ flight (it waits on the sink's backlog), so the figure is the sustained rate the
 workers store, not the rate Redis accepts. --pre-encoded XADDs already-encoded frames
 (the probe usually runs on another machine and its encoding is not the worker's cost).
 
-Prints routing rows/s for both paths and their ratio.
+Also measured in the same run, on the same frames and with as many threads as the
+workers have: the raw limit (pyarrow writing the frames' tables to Parquet with the
+store's options, nothing else), and the worker's own path in this process (decode +
+Store.write_frame) with the time split by phase, so the gap to the raw write is located.
+
+Prints routing rows/s for each path and the stream path's ratio to the raw write.
 """
 from __future__ import annotations
 
@@ -229,6 +234,77 @@ def bench_naive(args, env, store) -> float:
     return rate
 
 
+def _threaded_rate(fn, items, threads: int, seconds: float) -> float:
+    """Routing rows/s of calling fn(item) -> rows from `threads` threads for `seconds`."""
+    import itertools
+    import threading
+
+    counter, lock, stop_at = itertools.count(), threading.Lock(), time.monotonic() + seconds
+    done = [0]
+
+    def loop():
+        while time.monotonic() < stop_at:
+            rows = fn(items[next(counter) % len(items)])
+            with lock:
+                done[0] += rows
+
+    t0 = time.monotonic()
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return done[0] / (time.monotonic() - t0)
+
+
+def bench_raw_and_worker_path(args, work: Path) -> float:
+    """The raw Parquet write of the frames' tables (the limit) and decode + write_frame in this process."""
+    import pyarrow.parquet as pq
+
+    from moescope.collector import store as store_mod
+    from moescope.frame import decode
+
+    threads = args.workers * args.ingest_threads
+    templates = [step_tables(args.rows_per_frame, step, seed=step) for step in range(4)]
+    raw_dir = work / "raw"
+    raw_dir.mkdir()
+
+    def raw(tables):
+        for name, table in tables.items():
+            strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
+            pq.write_table(table, raw_dir / f"{name}-{uuid.uuid4().hex}.parquet", use_dictionary=strings,
+                           **store_mod._INGEST_PARQUET_KW)
+        return tables["routing"].num_rows
+
+    raw_rate = _threaded_rate(raw, templates, threads, args.raw_seconds)
+    print(f"raw Parquet write [the limit: pyarrow, store options, {threads} thread(s)]: {raw_rate / 1e6:.2f} M rows/s",
+          flush=True)
+    shutil.rmtree(raw_dir, ignore_errors=True)
+
+    encoded = [encode(Frame(RUN, "bench-pre", i, tables=t)) for i, t in enumerate(templates)]
+    store = store_mod.Store(work / "inproc")
+    phases = {"decode": 0.0, "write_frame": 0.0}
+    seqs = iter(range(10**9))
+
+    def worker_path(data):
+        t0 = time.perf_counter()
+        frame = decode(_fresh_id(data, next(seqs)))
+        t1 = time.perf_counter()
+        store.write_frame(frame)
+        t2 = time.perf_counter()
+        phases["decode"] += t1 - t0
+        phases["write_frame"] += t2 - t1
+        return frame.tables["routing"].num_rows
+
+    rate = _threaded_rate(worker_path, encoded, threads, args.raw_seconds)
+    total = sum(phases.values()) or 1.0
+    print(f"worker path in process [decode + Store.write_frame, {threads} thread(s)]: {rate / 1e6:.2f} M rows/s "
+          f"= {rate / raw_rate:.2f}x raw; time: decode {phases['decode'] / total:.0%}, "
+          f"write_frame {phases['write_frame'] / total:.0%}", flush=True)
+    store.close()
+    return raw_rate
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=60.0, help="measured window of the stream path (default 60)")
@@ -238,6 +314,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ingest-threads", type=int, default=2)
     ap.add_argument("--in-flight", type=int, default=12, help="frames the producer keeps unacknowledged (default 12)")
     ap.add_argument("--naive-seconds", type=float, default=15.0)
+    ap.add_argument("--raw-seconds", type=float, default=15.0, help="window of the raw-write and in-process paths")
     ap.add_argument("--pre-encoded", action="store_true", help="XADD pre-encoded frames instead of using RedisSink")
     ap.add_argument("--database-url", default=None)
     args = ap.parse_args(argv)
@@ -263,9 +340,12 @@ def main(argv=None) -> int:
 
         configure(get_settings(broker_url=url, store=str(work / "store"), database_url=args.database_url))
         store = Store(work / "store", args.database_url)
+        raw_rate = bench_raw_and_worker_path(args, work)
         stream_rate = bench_stream(args, env, url, store)
-        naive_rate = bench_naive(args, env, store)
-        print(f"ratio stream / naive: {stream_rate / max(naive_rate, 1e-9):,.0f}x")
+        print(f"ratio stream / raw Parquet write: {stream_rate / raw_rate:.2f}x", flush=True)
+        naive_rate = bench_naive(args, env, store) if args.naive_seconds > 0 else 0.0
+        if naive_rate:
+            print(f"ratio stream / naive: {stream_rate / naive_rate:,.0f}x")
         store.close()
     finally:
         redis_proc.terminate()

@@ -1,7 +1,7 @@
 """Frame codec: the unit the probe ships and the collector stores.
 
 Wire format: MAGIC, a u32 header length, the header as JSON, then one Arrow IPC stream
-(zstd-compressed buffers) per table, at the offsets the header lists. A frame carries
+(LZ4-compressed buffers) per table, at the offsets the header lists. A frame carries
 schema version, run, producer id, a per-producer monotonically increasing sequence
 number and a uuid; (producer, seq) lets the store prove nothing was lost or duplicated.
 """
@@ -28,7 +28,9 @@ MAX_DROPPED_SEQS = 65_536           # drop reports one frame may carry; the sink
 MAX_PRODUCER_LEN = 200
 MAX_TABLE_ROWS = 16 << 20           # rows per table, declared in the header, checked before decoding
 MAX_DECODED_BYTES = 1 << 30         # decoded Arrow bytes per frame, checked batch by batch
-_WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
+# LZ4: against zstd it halves the probe's encode and the worker's decode for ~40% more
+# bytes on the wire (benchmarks/bench_ingest.py); readers accept either codec.
+_WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")
 
 
 class FrameError(ValueError):
@@ -93,6 +95,7 @@ def decode(data: bytes, *, validate: bool = True, max_rows: int = MAX_TABLE_ROWS
         raise FrameError(f"frame must be bytes, got {type(data).__name__}")
     data = bytes(data)
     header, offset = read_header(data)
+    whole = pa.py_buffer(data)  # tables are read from zero-copy slices of it
     _check_header(header)
     tables, decoded = {}, 0
     seen: set[str] = set()
@@ -107,7 +110,7 @@ def decode(data: bytes, *, validate: bool = True, max_rows: int = MAX_TABLE_ROWS
             raise FrameError(f"table {name!r} declares {rows} rows, more than the {max_rows} a frame may carry")
         seen.add(name)
         try:
-            reader, batches = pa.ipc.open_stream(pa.py_buffer(data[offset : offset + length])), []
+            reader, batches = pa.ipc.open_stream(whole.slice(offset, length)), []
             for batch in reader:
                 decoded += batch.nbytes
                 if decoded > max_decoded_bytes:
