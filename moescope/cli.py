@@ -146,6 +146,17 @@ def cmd_replay(args) -> int:
     return 0
 
 
+def cmd_scenario(args) -> int:
+    from moescope.scenarios import run_scenario
+
+    # Through a broker only when asked (flag or an explicitly set variable): workers must be ingesting.
+    broker = args.broker or os.environ.get("MOESCOPE_BROKER_URL") or None
+    report = run_scenario(args.name, _store(args), steps=args.steps, seed=args.seed, broker=broker, run=args.run,
+                          progress=not args.quiet)
+    print(report.render())
+    return 0
+
+
 def cmd_worker(args) -> int:
     from moescope.collector.celery_app import run_worker
 
@@ -270,6 +281,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="first register the probe set from the bundled corpus (held-out sequences)")
     replay.add_argument("--batch-size", type=int, default=16)
     replay.set_defaults(func=cmd_replay)
+
+    from moescope.scenarios import SCENARIOS
+
+    scenario = sub.add_parser("scenario", parents=[common], help="train the reference MoE into a validated scenario, "
+                              "record it, print its figures and verdict")
+    scenario.add_argument("name", choices=list(SCENARIOS), help="; ".join(f"{s.name}: {s.summary}" for s in SCENARIOS.values()))
+    scenario.add_argument("--steps", type=int, default=None, help="training steps per run (default per scenario)")
+    scenario.add_argument("--seed", type=int, default=0)
+    scenario.add_argument("--run", default=None, help="prefix of the run ids (default NAME-<timestamp>)")
+    scenario.add_argument("--broker", default=None, help="record through this Redis URL into `moescope worker`s "
+                          "(default $MOESCOPE_BROKER_URL if set, else straight into the store)")
+    scenario.add_argument("--quiet", action="store_true", help="no progress bars")
+    scenario.set_defaults(func=cmd_scenario)
 
     resend = sub.add_parser("resend", parents=[common], help="deliver the frames a dead producer left in its spool")
     resend.add_argument("directory", help="spool directory (as printed by the probe) or one producer's folder in it")
