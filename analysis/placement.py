@@ -28,14 +28,13 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from moescope.analysis import placement_replay as pr
 from moescope.analysis.query import Scope, check_options, make_scope
 
 POLICIES = ("contiguous", "round_robin", "eplb", "eplb_global", "coactivation", "map")
 LOAD_AWARE = ("eplb", "eplb_global", "coactivation")
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2,
                "float8": 1, "fp8": 1, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1}
-# Routing rows are streamed in batches of this many rows, so memory stays flat at any run size.
-BATCH_ROWS = 1 << 21
 # coactivation: a device may be this share of the balanced load above the lightest one and still be chosen.
 DEFAULT_TOLERANCE = 0.05
 
@@ -259,14 +258,6 @@ class Window:
     load_SLE: np.ndarray
     tokens_SL: np.ndarray  # exact tokens each layer saw at each step
 
-    def group(self, step_r: np.ndarray, layer_r: np.ndarray) -> np.ndarray:
-        """Dense (step, layer) group index of each row; -1 where the window has no such step or layer."""
-        si = np.searchsorted(self.steps, step_r)
-        li = np.searchsorted(self.layers, layer_r)
-        ok = (si < len(self.steps)) & (li < len(self.layers))
-        ok[ok] &= (self.steps[si[ok]] == step_r[ok]) & (self.layers[li[ok]] == layer_r[ok])
-        return np.where(ok, si * len(self.layers) + li, -1)
-
 
 def load_window(store, scope: Scope, layers: list[int], e_max: int, steps) -> Window:
     where, params = dataclasses.replace(scope, steps=steps).where()
@@ -288,155 +279,39 @@ def load_window(store, scope: Scope, layers: list[int], e_max: int, steps) -> Wi
     return Window(steps_s, layers_l, load, nt.max(2))
 
 
-class _NotAdjacent(Exception):
-    """Routing rows of one token are not consecutive in slot order: replay them sorted instead."""
-
-
-def _routing_chunks(store, scope: Scope, steps, layers: list[int], *, ordered: bool):
-    """Routing rows (step, layer, pos, slot, expert) as numpy chunks holding whole tokens.
-
-    Unsorted, rows come in the order they were written, where the probe keeps a token's
-    slots consecutive; each chunk is checked for that, and _NotAdjacent tells the caller
-    to ask again with ordered=True (a sort by token, slower).
-    """
-    sc = dataclasses.replace(scope, steps=steps, layers=tuple(layers))
-    where, params = sc.where()
-    order = " ORDER BY step, layer, rank, microbatch, seq, pos, checkpoint, slot" if ordered else ""
-    con = store.connect(scope.run)
-    try:
-        reader = con.sql(f"SELECT step, layer, pos, slot, expert FROM routing WHERE {where}{order}",
-                         params=params).to_arrow_reader(BATCH_ROWS)
-        carry = None
-        for batch in reader:
-            cols = {f.name: batch.column(i).to_numpy(zero_copy_only=False) for i, f in enumerate(batch.schema)}
-            if carry is not None:
-                cols = {k: np.concatenate([carry[k], v]) for k, v in cols.items()}
-            starts = np.flatnonzero(cols["slot"] == 0)
-            cut = starts[-1] if len(starts) else 0  # the last token may continue in the next batch
-            carry = {k: v[cut:] for k, v in cols.items()}
-            if cut:
-                yield _checked({k: v[:cut] for k, v in cols.items()})
-        if carry is not None and len(carry["slot"]):
-            yield _checked(carry)
-    finally:
-        con.close()
-
-
-def _checked(c: dict) -> dict:
-    slot = c["slot"].astype(np.int64)
-    if slot[0] != 0:
-        raise _NotAdjacent()
-    nxt = slot[1:] > 0
-    same = (slot[1:] == slot[:-1] + 1) & (c["step"][1:] == c["step"][:-1]) & (c["layer"][1:] == c["layer"][:-1]) \
-        & (c["pos"][1:] == c["pos"][:-1])
-    if np.any(nxt & ~same):
-        raise _NotAdjacent()
-    return c
-
-
-@dataclasses.dataclass
-class Traffic:
-    """Dispatch copies per (step, layer, device) of one placement; tokens_seen per (step, layer)."""
-
-    sent: np.ndarray
-    recv: np.ndarray
-    sent_internode: np.ndarray
-
-
-class _Replay:
-    """Accumulates all-to-all copies of several placements (and co-activation counts) over routing chunks."""
-
-    def __init__(self, window: Window, tables: dict[str, np.ndarray], layout: Layout, e_max: int, k_max: int,
-                 coactivation: bool):
-        self.w, self.layout, self.e, self.k = window, layout, e_max, k_max
-        groups = len(window.steps) * len(window.layers)
-        self.size = groups * layout.ep_size
-        self.tables = tables  # policy -> f[l, e, d]
-        self.traffic = {p: Traffic(np.zeros(self.size), np.zeros(self.size), np.zeros(self.size)) for p in tables}
-        self.seen = np.zeros(groups)
-        self.coact = np.zeros(len(window.layers) * e_max * e_max) if coactivation else None
-
-    def add(self, c: dict) -> None:
-        g_count = self.layout.ep_size
-        grp = self.w.group(c["step"], c["layer"].astype(np.int64))
-        keep = grp >= 0
-        if not keep.all():
-            c = {k: v[keep] for k, v in c.items()}
-            grp = grp[keep]
-            if len(grp) == 0:
-                return
-        slot = c["slot"].astype(np.int64)
-        expert = np.minimum(c["expert"].astype(np.int64), self.e - 1)
-        home = c["pos"].astype(np.int64) % g_count
-        li = grp % len(self.w.layers)
-        first = slot == 0
-        self.seen += np.bincount(grp[first], minlength=len(self.seen))
-        if self.coact is not None:
-            for o in range(1, self.k):
-                m = slot[o:] >= o
-                a, b, lay = expert[:-o][m], expert[o:][m], li[o:][m]
-                idx = np.concatenate([(lay * self.e + a) * self.e + b, (lay * self.e + b) * self.e + a])
-                self.coact += np.bincount(idx, minlength=len(self.coact))
-        for policy, f_LEG in self.tables.items():
-            t = self.traffic[policy]
-            if np.all((f_LEG == 0) | (f_LEG == 1)):
-                self._add_single(t, f_LEG, grp, li, slot, expert, home)
-            else:
-                self._add_replicated(t, f_LEG, grp, li, slot, expert, home)
-
-    def _add_single(self, t: Traffic, f_LEG, grp, li, slot, expert, home) -> None:
-        """Each expert on one device: a copy per distinct remote device of the token's experts."""
-        g_count, gpn = self.layout.ep_size, self.layout.gpus_per_node
-        dev = f_LEG.argmax(2)[li, expert]
-        for level, (where, origin) in enumerate(((dev, home), (dev // gpn, home // gpn))):
-            fresh = np.ones(len(where), bool)
-            for o in range(1, self.k):  # a device already reached by an earlier slot of the token costs nothing
-                fresh[o:] &= ~((slot[o:] >= o) & (where[o:] == where[:-o]))
-            remote = fresh & (where != origin)
-            gr, hr = grp[remote] * g_count, home[remote]
-            if level == 0:
-                t.sent += np.bincount(gr + hr, minlength=self.size)
-                t.recv += np.bincount(gr + dev[remote], minlength=self.size)
-            else:
-                t.sent_internode += np.bincount(gr + hr, minlength=self.size)
-
-    def _add_replicated(self, t: Traffic, f_LEG, grp, li, slot, expert, home) -> None:
-        """Replicas: P(device d reached) = 1 − Π_{e chosen} (1 − f[e, d]); copies are expectations."""
-        g_count, gpn = self.layout.ep_size, self.layout.gpus_per_node
-        starts = np.flatnonzero(slot == 0)
-        miss_nG = 1.0 - f_LEG[li, expert]
-        reach_TG = 1.0 - np.multiply.reduceat(miss_nG, starts, axis=0)
-        home_t, grp_t = home[starts], grp[starts]
-        reach_TG[np.arange(len(starts)), home_t] = 0.0
-        base = grp_t * g_count
-        t.sent += np.bincount(base + home_t, weights=reach_TG.sum(1), minlength=self.size)
-        t.recv += np.bincount((base[:, None] + np.arange(g_count)).ravel(), weights=reach_TG.ravel(), minlength=self.size)
-        nodes = g_count // gpn
-        miss_nN = 1.0 - f_LEG[li, expert].reshape(len(li), nodes, gpn).sum(2)
-        reach_TN = 1.0 - np.multiply.reduceat(miss_nN, starts, axis=0)
-        reach_TN[np.arange(len(starts)), home_t // gpn] = 0.0
-        t.sent_internode += np.bincount(base + home_t, weights=reach_TN.sum(1), minlength=self.size)
-
-
 def replay(store, scope: Scope, steps, window: Window, tables: dict[str, np.ndarray], layout: Layout, e_max: int,
-           k_max: int, *, coactivation: bool = False) -> _Replay:
-    """One pass over the window's routing rows, in write order when it keeps tokens whole, else sorted."""
-    layers = window.layers.tolist()
+           ks: set[int], *, coactivation: bool = False):
+    """One pass over the window's routing rows, computing every placement's copies (and co-activation).
+
+    Tried in turn until one holds: token signatures in write order (every token K rows in
+    slot order, the probe's layout), rows in write order (tokens with varying K), then the
+    same two sorted by token (rows written in another order).
+    """
+    grid = pr.Grid(window.steps, window.layers, layout.ep_size, layout.gpus_per_node, e_max)
+    where, params = dataclasses.replace(scope, steps=steps, layers=tuple(window.layers.tolist())).where()
+    where = f"{where} AND {grid.step_filter()}"
+    k_max = max(ks)
+    signature = len(ks) == 1 and pr.SignatureReplay.fits(grid, k_max, len(tables))
+    attempts = []
     for ordered in (False, True):
-        r = _Replay(window, tables, layout, e_max, k_max, coactivation)
+        if signature:
+            attempts.append((lambda: pr.SignatureReplay(grid, tables, k_max, coactivation), grid.signature_sql(k_max), ordered))
+        attempts.append((lambda: pr.Replay(grid, tables, k_max, coactivation), grid.select_sql(), ordered))
+    for make, cols, ordered in attempts:
+        r = make()
         try:
-            for chunk in _routing_chunks(store, scope, steps, layers, ordered=ordered):
-                r.add(chunk)
+            for batch in pr.stream(store, scope.run, cols, where, params, ordered=ordered):
+                r.add(batch)
+            r.finish()
             return r
-        except _NotAdjacent:
-            if ordered:
-                raise ValueError("routing rows of one token are not in slot order even when sorted") from None
-    raise AssertionError("unreachable")
+        except pr.NotAdjacent:
+            continue
+    raise ValueError(f"routing rows of run {scope.run!r} repeat or skip a slot of a token")
 
 
-def coactivation_counts(store, scope: Scope, steps, window: Window, layout: Layout, e_max: int, k_max: int) -> np.ndarray:
+def coactivation_counts(store, scope: Scope, steps, window: Window, layout: Layout, e_max: int, ks: set[int]) -> np.ndarray:
     """C[l, i, j]: tokens of the window that chose both i and j (i ≠ j), from routing rows."""
-    r = replay(store, scope, steps, window, {}, layout, e_max, k_max, coactivation=True)
+    r = replay(store, scope, steps, window, {}, layout, e_max, ks, coactivation=True)
     return r.coact.reshape(len(window.layers), e_max, e_max)
 
 
@@ -491,13 +366,13 @@ def placement(store, scope: Scope, meta: pd.DataFrame, ep_size=None, gpus_per_no
     if fit_steps is not None:
         fit_steps = make_scope(scope.run, steps=fit_steps).steps
     layers, e_by_layer = rows.layer.astype(int).tolist(), dict(zip(rows.layer.astype(int), rows.E.astype(int)))
-    e_max, k_max = int(rows.E.max()), int(rows.k.max())
+    e_max, ks = int(rows.E.max()), set(rows.k.astype(int))
     eval_w = load_window(store, scope, layers, e_max, scope.steps)
     same_window = fit_steps is None or fit_steps == scope.steps
     fit_w = eval_w if same_window else load_window(store, scope, layers, e_max, fit_steps)
     coact = None
     if "coactivation" in policies:
-        coact = coactivation_counts(store, scope, _fit_steps(fit_steps, scope), fit_w, layout, e_max, k_max)
+        coact = coactivation_counts(store, scope, _fit_steps(fit_steps, scope), fit_w, layout, e_max, ks)
     current = "map" if expert_map is not None else "contiguous"
     wanted = list(dict.fromkeys(policies + ([current] if scope.by == "window" else [])))
     placements: dict[str, list[Devices]] = {}
@@ -512,11 +387,11 @@ def placement(store, scope: Scope, meta: pd.DataFrame, ep_size=None, gpus_per_no
                 raise ValueError(f"layer {layer}: {exc}") from None
         placements[p] = per_layer
     tables = {p: _table(devs, e_max, layout.ep_size) for p, devs in placements.items()}
-    per_step = _evaluate(store, scope, scope.steps, eval_w, tables, layout, e_max, k_max, hidden_size, dtype_bytes)
+    per_step = _evaluate(store, scope, scope.steps, eval_w, tables, layout, e_max, ks, hidden_size, dtype_bytes)
     if scope.by == "step":
         return per_step[per_step.policy.isin(policies)].reset_index(drop=True)
     fit_step = per_step if same_window else _evaluate(store, scope, _fit_steps(fit_steps, scope), fit_w, tables, layout,
-                                                      e_max, k_max, hidden_size, dtype_bytes)
+                                                      e_max, ks, hidden_size, dtype_bytes)
     per_copy = float("nan") if hidden_size is None else float(hidden_size) * dtype_bytes
     return _summary(per_step, fit_step, policies, current, placements, eval_w.layers.tolist(), layout, per_copy)
 
@@ -541,9 +416,9 @@ def _table(devices_by_layer: list[Devices], e_max: int, g: int) -> np.ndarray:
     return f
 
 
-def _evaluate(store, scope, steps, window: Window, tables, layout: Layout, e_max, k_max, hidden_size, dtype_bytes) -> pd.DataFrame:
+def _evaluate(store, scope, steps, window: Window, tables, layout: Layout, e_max, ks, hidden_size, dtype_bytes) -> pd.DataFrame:
     """Per (policy, step, layer, device) frame for one window."""
-    r = replay(store, scope, steps, window, tables, layout, e_max, k_max)
+    r = replay(store, scope, steps, window, tables, layout, e_max, ks)
     n_s, n_l, g = len(window.steps), len(window.layers), layout.ep_size
     seen_SL = r.seen.reshape(n_s, n_l)
     with np.errstate(divide="ignore", invalid="ignore"):

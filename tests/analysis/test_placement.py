@@ -10,14 +10,22 @@ sys.path.insert(0, str(Path(__file__).parent))
 from whatif_traces import top1_trace, write_trace  # noqa: E402
 
 from moescope.analysis import compute_metric  # noqa: E402
-from moescope.analysis import placement as pl  # noqa: E402
+from moescope.analysis import placement_replay as pr  # noqa: E402
 
 # Eight top-2 tokens over E=8 experts; the token at pos p lives on device p mod 4.
 EIGHT = {0: [(0, (0, 1)), (1, (0, 2)), (2, (0, 4)), (3, (0, 6)), (4, (1, 3)), (5, (2, 5)), (6, (4, 7)), (7, (6, 7))]}
 
 
+@pytest.fixture(params=["signatures", "rows"])
+def replay_path(request, monkeypatch):
+    """Both replays: token signatures (the probe's layout) and row by row (forced by a zero table budget)."""
+    if request.param == "rows":
+        monkeypatch.setattr(pr, "SIGNATURE_TABLE_MAX", 0)
+    return request.param
+
+
 @pytest.fixture
-def eight(store):
+def eight(store, replay_path):
     write_trace(store, "eight", EIGHT, num_experts=8, top_k=2)
     return store
 
@@ -62,16 +70,19 @@ def test_explicit_map_with_replicas_gives_expected_copies_of_a_uniform_replica_c
     tokens = [sum(load[e] / len(ds) for e, ds in devices.items() if d in ds) for d in range(4)]
     assert np.allclose(_devices(df, "tokens"), tokens)
     # Brute force: every combination of replicas, equally likely.
-    sent, recv = np.zeros(4), np.zeros(4)
+    sent, recv, internode = np.zeros(4), np.zeros(4), np.zeros(4)
     for pos, experts in EIGHT[0]:
         combos = list(itertools.product(*(devices[e] for e in experts)))
         for combo in combos:
             remote = set(combo) - {pos % 4}
             sent[pos % 4] += len(remote) / len(combos)
+            internode[pos % 4] += len({d // 2 for d in combo} - {pos % 4 // 2}) / len(combos)
             for d in remote:
                 recv[d] += 1 / len(combos)
     assert np.allclose(_devices(df, "copies_sent"), sent)
     assert np.allclose(_devices(df, "copies_recv"), recv)
+    two_nodes = compute_metric(eight, "placement", "eight", ep_size=4, gpus_per_node=2, expert_map=expert_map)
+    assert np.allclose(_devices(two_nodes, "copies_sent_internode"), internode)
 
 
 def test_eplb_global_reaches_perfect_balance_where_contiguous_and_round_robin_do_not(store):
@@ -148,7 +159,7 @@ def test_rows_written_out_of_order_give_the_same_answer(store):
     assert a.equals(b)
 
 
-def test_sampled_routing_rows_scale_copies_to_the_exact_token_count(store):
+def test_sampled_routing_rows_scale_copies_to_the_exact_token_count(store, replay_path):
     # 16 tokens (the eight twice; pos + 8 has the same home), routing rows kept for the first 8 only
     trace = {0: EIGHT[0] + [(pos + 8, experts) for pos, experts in EIGHT[0]]}
     write_trace(store, "sampled", trace, num_experts=8, top_k=2, routing_positions=set(range(8)))
@@ -176,16 +187,26 @@ def test_bad_options_are_one_line_value_errors(eight, kwargs, fragment):
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
-def test_single_and_replica_paths_agree_without_replicas(eight):
-    layout = pl.make_layout(4, 2, 0, 1, 0.0)
-    window = pl.load_window(eight, pl.make_scope("eight"), [0], 8, None)
-    table = pl._table([pl.round_robin(8, 8, 4)], 8, 4)
-    single = pl.replay(eight, pl.make_scope("eight"), None, window, {"rr": table}, layout, 8, 2).traffic["rr"]
-    r = pl._Replay(window, {"rr": table}, layout, 8, 2, False)
-    for chunk in pl._routing_chunks(eight, pl.make_scope("eight"), None, [0], ordered=False):
-        c = {k: v for k, v in chunk.items()}
-        grp = window.group(c["step"], c["layer"].astype(np.int64))
-        r._add_replicated(r.traffic["rr"], table, grp, grp % 1, c["slot"].astype(np.int64), c["expert"].astype(np.int64),
-                          c["pos"].astype(np.int64) % 4)
-    for name in ("sent", "recv", "sent_internode"):
-        assert np.allclose(getattr(single, name), getattr(r.traffic["rr"], name))
+@pytest.mark.parametrize("batch_rows", [1, 3, 5])
+def test_tokens_cut_by_batch_boundaries_count_the_same(eight, monkeypatch, batch_rows):
+    expert_map = {0: [0, 2], 1: [0, 3], 2: 1, 3: 1, 4: 2, 5: 2, 6: 3, 7: [3, 1]}
+    whole = compute_metric(eight, "placement", "eight", ep_size=4, gpus_per_node=2, policy=["round_robin", "map"],
+                           expert_map=expert_map)
+    monkeypatch.setattr(pr, "BATCH_ROWS", batch_rows)
+    cut = compute_metric(eight, "placement", "eight", ep_size=4, gpus_per_node=2, policy=["round_robin", "map"],
+                         expert_map=expert_map)
+    assert np.allclose(cut.select_dtypes("number"), whole.select_dtypes("number"), equal_nan=True)
+
+
+def test_tokens_with_varying_expert_counts_replay_row_by_row(store):
+    # expert-choice style: tokens take 1 to 3 experts; copies = distinct remote devices of each token
+    tokens = [(0, (0,)), (1, (0, 2, 4)), (2, (5,)), (3, (1, 7)), (4, (3, 2, 6)), (5, (7,)), (6, (6, 0)), (7, (4, 5, 1))]
+    write_trace(store, "varying", {0: tokens}, num_experts=8, top_k=3)
+    df = compute_metric(store, "placement", "varying", ep_size=4)
+    sent, recv = np.zeros(4), np.zeros(4)
+    for pos, experts in tokens:
+        for d in {e // 2 for e in experts} - {pos % 4}:
+            sent[pos % 4] += 1
+            recv[d] += 1
+    assert _devices(df, "copies_sent") == sent.tolist()
+    assert _devices(df, "copies_recv") == recv.tolist()
