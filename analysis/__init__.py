@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from moescope.analysis import balance, drift, expert_cache, health, placement, specialisation, whatif
+from moescope.analysis import balance, collapse, drift, expert_cache, health, placement, specialisation, whatif
 from moescope.analysis.query import layer_meta, make_scope
 
 
@@ -51,6 +51,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("fluctuation", drift.fluctuation, "routing", "window", "last checkpoint where the top-1 changed (CDF)"),
     Metric("load_js", drift.load_js, "expert_step", "window", "Jensen–Shannon divergence of load between checkpoints"),
     Metric("alignment", drift.alignment, "routing", "window", "Hungarian expert matching between two models"),
+    Metric("collapse", collapse.collapse, "expert_step", "window", "collapse verdict, onset step and evidence per layer"),
 ]}
 
 
@@ -69,7 +70,8 @@ def compute_metric(store, name: str, run: str, *, layers=None, steps=None, check
         raise ValueError(f"unknown metric {name!r}; valid metrics: {', '.join(METRICS)}")
     scope = make_scope(run, layers=layers, steps=steps, checkpoint=checkpoint, by=by or metric.default_by, phase=phase)
     store.require_run(run)
-    return metric.fn(store, scope, layer_meta(store, run), **options).reset_index(drop=True)
+    with store.reading(run):  # one DuckDB connection and one segment listing for all of the metric's queries
+        return metric.fn(store, scope, layer_meta(store, run), **options).reset_index(drop=True)
 
 
 __all__ = ["METRICS", "Metric", "compute_metric"]

@@ -174,18 +174,22 @@ def matrix_heatmap(grid: pd.DataFrame, *, title: str, x_title: str, y_title: str
 
 def grouped_bars(df: pd.DataFrame, x: str, bars: dict[str, str], *, title: str, x_title: str, y_title: str,
                  baselines: dict[str, str] | None = None, uirevision: str = "") -> go.Figure:
-    """Bars of each column in `bars` (column → legend name) against `x`; baselines as dotted markers."""
+    """Bars of each column in `bars` (column → legend name) against `x`, each followed by its
+    baseline from `baselines` (same order) drawn hatched in the same colour."""
     if df.empty:
         return empty_figure(NO_DATA, title)
     fig = go.Figure()
+    base_items = list((baselines or {}).items())
     for i, (col, name) in enumerate(bars.items()):
-        fig.add_trace(go.Bar(x=[str(v) for v in df[x]], y=df[col], name=name, marker={"color": COLOURS[i % len(COLOURS)]},
+        colour = COLOURS[i % len(COLOURS)]
+        fig.add_trace(go.Bar(x=[str(v) for v in df[x]], y=df[col], name=name, marker={"color": colour},
                              hovertemplate=f"{x_title} %{{x}}<br>{name} %{{y:.4g}}<extra></extra>"))
-    for i, (col, name) in enumerate((baselines or {}).items()):
-        fig.add_trace(go.Scatter(x=[str(v) for v in df[x]], y=df[col], name=name, mode="markers",
-                                 marker={"symbol": "line-ew-open", "size": 28, "line": {"width": 3},
-                                         "color": COLOURS[i % len(COLOURS)]},
-                                 hovertemplate=f"{x_title} %{{x}}<br>{name} %{{y:.4g}}<extra></extra>"))
+        if i < len(base_items):
+            bcol, bname = base_items[i]
+            fig.add_trace(go.Bar(x=[str(v) for v in df[x]], y=df[bcol], name=bname,
+                                 marker={"color": "rgba(0,0,0,0)", "line": {"color": colour, "width": 2},
+                                         "pattern": {"shape": "/", "fgcolor": colour}},
+                                 hovertemplate=f"{x_title} %{{x}}<br>{bname} %{{y:.4g}}<extra></extra>"))
     fig.update_layout(title=title, margin=_MARGIN, barmode="group", uirevision=uirevision, height=340,
                       xaxis={"title": {"text": x_title}, "type": "category"}, yaxis={"title": {"text": y_title}},
                       legend={"orientation": "h", "y": -0.25})

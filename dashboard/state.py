@@ -44,7 +44,7 @@ class ViewState:
                 STEP_LIMIT if self.step_max is None else self.step_max)
 
 
-def _first(value) -> str | None:
+def first_value(value) -> str | None:
     if isinstance(value, (list, tuple)):  # a key repeated in the URL: the last one wins
         value = value[-1] if value else None
     if value is None:
@@ -73,7 +73,7 @@ def parse_runs(value, problems: list[str]) -> list[str]:
 
 
 def parse_int(name: str, value, problems: list[str], *, lo: int = -STEP_LIMIT, hi: int = STEP_LIMIT) -> int | None:
-    text = _first(value)
+    text = first_value(value)
     if text is None:
         return None
     try:
@@ -91,7 +91,7 @@ def parse_int(name: str, value, problems: list[str], *, lo: int = -STEP_LIMIT, h
 
 
 def parse_smoothing(value, problems: list[str]) -> float:
-    text = _first(value)
+    text = first_value(value)
     if text is None:
         return 0.0
     try:
@@ -115,7 +115,7 @@ def parse(query: dict) -> tuple[ViewState, list[str]]:
     if step_min is not None and step_max is not None and step_min > step_max:
         problems.append(f"ignored the step window {step_min}..{step_max}: step_min is after step_max")
         step_min = step_max = None
-    state = ViewState(runs=runs, checkpoint=_first(query.get("checkpoint")), checkpoint_b=_first(query.get("checkpoint_b")),
+    state = ViewState(runs=runs, checkpoint=first_value(query.get("checkpoint")), checkpoint_b=first_value(query.get("checkpoint_b")),
                       layer=layer, step_min=step_min, step_max=step_max,
                       smoothing=parse_smoothing(query.get("smoothing"), problems))
     return state, problems

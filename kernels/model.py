@@ -73,11 +73,14 @@ class Router(nn.Module):
         self.register_buffer("bias_E", bias_E.float().clone())  # persistent: part of a checkpoint
         # Load since the last bias update; bookkeeping, not state worth saving.
         self.register_buffer("load_E", torch.zeros(cfg.num_experts, dtype=torch.int64), persistent=False)
+        # A planted fault, not model state: added to the router logits (torch backend) so tests and
+        # benchmarks can start a collapse at a chosen step. Zeros leave every output bit-identical.
+        self.register_buffer("logit_bias_E", torch.zeros(cfg.num_experts), persistent=False)
 
     def forward(self, x_TD: Tensor, valid_T: Tensor | None = None) -> Routing:
         params = RouterParams(router_weight_ED=self.weight_ED, router_bias_E=self.bias_E)
         if self.backend == "torch":
-            routing = route(x_TD, params, self.cfg, valid_T=valid_T)
+            routing = route(x_TD, params, self.cfg, valid_T=valid_T, logit_bias_E=self.logit_bias_E)
         else:
             routing = triton_backend()[0](x_TD, params, self.cfg, valid_T=valid_T)
         if self.training:

@@ -86,11 +86,18 @@ def capacity(num_tokens, top_k: int, num_experts: int, capacity_factor: float):
     return math.ceil(num_tokens * top_k / num_experts * capacity_factor)
 
 
-def route(x_TD: Tensor, params, cfg: MoEConfig, *, valid_T: Tensor | None = None) -> Routing:
-    """The pure-torch oracle router. Reads only params.router_weight_ED and params.router_bias_E."""
+def route(x_TD: Tensor, params, cfg: MoEConfig, *, valid_T: Tensor | None = None,
+          logit_bias_E: Tensor | None = None) -> Routing:
+    """The pure-torch oracle router. Reads only params.router_weight_ED and params.router_bias_E.
+
+    logit_bias_E (optional, float32) is added to the logits before scoring: a planted
+    router fault for collapse tests and benchmarks (zeros leave every output bit-identical).
+    """
     check_inputs(x_TD, params, cfg, valid_T)
     T, E, k = x_TD.shape[0], cfg.num_experts, cfg.top_k
     logits_TE = x_TD.float() @ params.router_weight_ED.float().T
+    if logit_bias_E is not None:
+        logits_TE = logits_TE + logit_bias_E.float()
     if cfg.score == "softmax":
         scores_TE = torch.softmax(logits_TE, dim=-1)
         probs_TE = scores_TE

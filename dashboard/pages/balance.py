@@ -64,6 +64,7 @@ def run_series(store, run: str, layer: int | None, steps) -> tuple[dict[str, pd.
 
 
 def register(app: dash.Dash, ctx: common.Context) -> None:
+    common.register_drill_down(app, "balance-layer-heatmap", "balance-layer")
     common.register_run_options(app, ctx, PREFIX, multi=True)
     common.register_url_sync(app, PREFIX, PATH, {
         "runs": "balance-runs", "layer": "balance-layer", "step_min": "balance-step-min",
@@ -123,11 +124,3 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
                 colour_title="load / fair share", zrange=figures.FIXED_UTILISATION_RANGE if fixed else None,
                 uirevision=f"{runs[0]}|{expert_layer}")
         return lines + [layer_heat, expert_heat, common.message(problems, *notes)]
-
-    @app.callback(Output("balance-layer", "value"), Input("balance-layer-heatmap", "clickData"),
-                  prevent_initial_call=True)
-    def drill_down(click):
-        try:
-            return int(click["points"][0]["y"])
-        except (TypeError, KeyError, IndexError, ValueError):
-            return dash.no_update

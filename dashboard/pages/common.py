@@ -146,8 +146,10 @@ def register_run_options(app: dash.Dash, ctx: Context, prefix: str, *, multi: bo
 
 def register_checkpoint_options(app: dash.Dash, ctx: Context, prefix: str, suffix: str = "checkpoint") -> None:
     @app.callback(Output(f"{prefix}-{suffix}", "options"), Output(f"{prefix}-{suffix}", "value"),
-                  Input(f"{prefix}-runs", "value"), State(f"{prefix}-{suffix}", "value"))
-    def fill_checkpoints(runs, current):
+                  Input(f"{prefix}-runs", "value"), Input("refresh", "n_intervals"), State(f"{prefix}-{suffix}", "value"))
+    def fill_checkpoints(runs, _n, current):
+        # The refresh input also keeps this callback in Dash's first round when the run picker's own
+        # callback leaves its value unchanged (a callback fed only by no_update outputs never runs).
         run = first_run(runs)
         if not run:
             return [], None
@@ -222,3 +224,13 @@ def smoothing_weight(value) -> tuple[float, str | None]:
     problems: list[str] = []
     weight = state.parse_smoothing(value, problems)
     return weight, "; ".join(problems) or None
+
+
+def register_drill_down(app: dash.Dash, heatmap_id: str, layer_input_id: str) -> None:
+    """A click on a layer × step heatmap's row picks that layer."""
+    @app.callback(Output(layer_input_id, "value"), Input(heatmap_id, "clickData"), prevent_initial_call=True)
+    def drill_down(click):
+        try:
+            return int(click["points"][0]["y"])
+        except (TypeError, KeyError, IndexError, ValueError):
+            return dash.no_update

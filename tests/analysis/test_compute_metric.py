@@ -6,7 +6,7 @@ from moescope.collector.store import UnknownRun
 
 NAMES = ["load_share", "switch_score", "maxvio", "cv", "utilisation", "dead_experts", "drop_rate", "entropy", "z",
          "margin", "domain_specialisation", "vocab_specialisation", "coactivation", "repetition", "saturation",
-         "fluctuation", "load_js", "alignment", "predicted_drops", "placement", "expert_cache"]
+         "fluctuation", "load_js", "alignment", "predicted_drops", "placement", "expert_cache", "collapse"]
 
 
 def test_registry_holds_every_metric_of_metrics_md_with_a_cited_docstring():

@@ -74,11 +74,12 @@ def graph_data(element_id: str, condition: str = "true") -> str:
             "  : ArrayBuffer.isView(v) ? Array.from(v) : Array.isArray(v) ? v.map(plain) : v;"
             "const data = g.data.map(t => ({type: t.type, name: t.name, x: plain(t.x), y: plain(t.y), z: plain(t.z),"
             "  customdata: plain(t.customdata)}));"
-            "const title = g.layout.title && (g.layout.title.text || g.layout.title) || '';"
+            "const title = String(g.layout.title && (typeof g.layout.title === 'string' ? g.layout.title"
+            "  : g.layout.title.text || '') || '');"
             "const notes = (g.layout.annotations || []).map(a => a.text);"
             "const xtitle = g.layout.xaxis && g.layout.xaxis.title && g.layout.xaxis.title.text || '';"
             "const ytitle = g.layout.yaxis && g.layout.yaxis.title && g.layout.yaxis.title.text || '';"
-            "const fig = {data: data, title: String(title), notes: notes, xtitle: xtitle, ytitle: ytitle};"
+            "const fig = {data: data, title: title, notes: notes, xtitle: xtitle, ytitle: ytitle};"
             f"return ({condition}) ? fig : null;")
 
 
@@ -107,7 +108,7 @@ def screenshot(driver, name: str) -> Path:
     SCREENSHOTS.mkdir(exist_ok=True)
     # Let plotly finish its last draw: wait until no graph is marked as loading.
     wait_for(driver, "return !document.querySelector('[data-dash-is-loading=\"true\"]');")
-    height = driver.execute_script("return document.body.scrollHeight")
+    height = driver.execute_script("return document.documentElement.scrollHeight")
     driver.set_window_size(1400, max(900, min(int(height) + 40, 6000)))
     path = SCREENSHOTS / f"{name}.png"
     driver.save_screenshot(str(path))

@@ -1,0 +1,128 @@
+"""Specialisation: domain × expert against the uniform baseline k/E, each expert's top tokens as text,
+the expert co-activation matrix, and consecutive-token repetition beside its random baseline."""
+from __future__ import annotations
+
+import dash
+import numpy as np
+import pandas as pd
+from dash import Input, Output, State, html
+
+from moescope.analysis import compute_metric
+from moescope.dashboard import figures, state
+from moescope.dashboard.pages import common
+
+PATH, NAME, PREFIX = "/specialisation", "Specialisation", "spec"
+TOP_TOKENS = 8
+BYTE_VOCAB = 256  # the reference model reads bytes: ids below this decode to text
+
+
+def layout(**query) -> html.Div:
+    view, problems = state.parse(query)
+    min_count = state.parse_int("min_count", query.get("min_count"), problems, lo=1, hi=10**9)
+    controls = [common.run_picker(PREFIX, view.runs),
+                common.checkpoint_picker(PREFIX, view.checkpoint), common.layer_input(PREFIX, view.layer),
+                *common.step_inputs(PREFIX, view),
+                common.number_input("spec-min-count", "Min token count", min_count, placeholder="5", minimum=1)]
+    body = [common.graph("spec-domain"),
+            html.Section(className="panel", children=[html.H3("Top tokens per expert"),
+                                                       html.Div(id="spec-top-tokens")]),
+            html.Div(className="row", children=[common.graph("spec-coactivation", className="half"),
+                                                common.graph("spec-repetition", className="half")])]
+    search = state.search(runs=view.runs[:1], checkpoint=view.checkpoint, layer=view.layer, step_min=view.step_min,
+                          step_max=view.step_max, min_count=min_count)
+    return common.page(PREFIX, "Specialisation", "What each expert is for. Domain shares are relative to uniform "
+                       "routing (k/E: every expert equally likely); top tokens are the ids whose occurrences go to "
+                       "the expert most often.", controls, body, problems, search, PATH)
+
+
+def token_text(token_id: int, as_bytes: bool) -> str:
+    """A token as the reader knows it: the byte's character for byte-level models, the id otherwise."""
+    if as_bytes and 0 <= token_id < BYTE_VOCAB:
+        ch = chr(token_id)
+        # Bytes past ASCII are pieces of multi-byte UTF-8 characters: shown as hex.
+        return repr(ch) if token_id < 128 and ch.isprintable() else f"0x{token_id:02x}"
+    return f"#{token_id}"
+
+
+def top_tokens(vocab: pd.DataFrame, experts: int, as_bytes: bool) -> pd.DataFrame:
+    """Per expert, its TOP_TOKENS ids by share of their occurrences (ties: the more frequent id)."""
+    rows = []
+    for expert in range(experts):
+        part = vocab[vocab["expert"] == expert].sort_values(["share", "tokens"], ascending=False).head(TOP_TOKENS)
+        text = "  ".join(f"{token_text(int(t), as_bytes)} ({s:.0%})" for t, s in zip(part["token_id"], part["share"]))
+        rows.append({"expert": expert, "tokens": text or "— (no token routed here often enough)"})
+    return pd.DataFrame(rows, columns=["expert", "tokens"])
+
+
+def register(app: dash.Dash, ctx: common.Context) -> None:
+    common.register_run_options(app, ctx, PREFIX)
+    common.register_checkpoint_options(app, ctx, PREFIX)
+    common.register_url_sync(app, PREFIX, PATH, {"runs": "spec-runs", "checkpoint": "spec-checkpoint",
+                                                 "layer": "spec-layer", "step_min": "spec-step-min",
+                                                 "step_max": "spec-step-max", "min_count": "spec-min-count"})
+
+    def empty(msg, problems=None):
+        fig = figures.empty_figure(msg)
+        return fig, html.P(msg, className="muted"), fig, fig, common.message(problems, msg)
+
+    @app.callback(Output("spec-domain", "figure"), Output("spec-top-tokens", "children"),
+                  Output("spec-coactivation", "figure"), Output("spec-repetition", "figure"),
+                  Output("spec-message", "children"),
+                  Input("spec-runs", "value"), Input("spec-checkpoint", "value"), Input("spec-layer", "value"),
+                  Input("spec-step-min", "value"), Input("spec-step-max", "value"), Input("spec-min-count", "value"),
+                  State("spec-problems", "data"))
+    @common.guarded(empty)
+    def update(run, checkpoint, layer, step_min, step_max, min_count, problems):
+        if not run:
+            return empty("pick a run", problems)
+        ctx.store.require_run(run)
+        steps, step_note = common.window(step_min, step_max)
+        layer_id, meta, layer_note = common.pick_layer(ctx.store, run, layer)
+        if layer_id is None:
+            return empty(figures.NO_DATA, problems)
+        E, k = (int(v) for v in meta.loc[meta["layer"] == layer_id, ["E", "k"]].iloc[0])
+        scope = dict(run=run, layers=[layer_id], steps=steps, checkpoint=checkpoint or None, by="window")
+        where = f"layer {layer_id}" + (f", checkpoint {checkpoint}" if checkpoint else "")
+
+        spec = compute_metric(ctx.store, "domain_specialisation", **scope)
+        if spec.empty:
+            domain = figures.empty_figure("no domain labels recorded for this scope", "Domain specialisation")
+        else:
+            grid = spec.pivot_table(index="domain", columns="expert", values="share", aggfunc="sum")
+            tokens = spec.groupby("domain")["tokens"].max().reindex(grid.index)
+            hover = np.array([[f"share {s:.3f} of {int(n)} tokens" for s in row]
+                              for row, n in zip(grid.to_numpy(), tokens)])
+            domain = figures.matrix_heatmap(grid / (k / E), title=f"Domain specialisation — {where} "
+                                            f"(share ÷ uniform k/E = {k / E:.3f})", x_title="expert",
+                                            y_title="domain", colour_title="× uniform", colorscale="RdBu_r", zmid=1.0,
+                                            uirevision=f"{run}|{layer_id}", hover_extra=hover)
+
+        count = int(min_count) if min_count not in (None, "") and int(min_count) >= 1 else 5
+        vocab = compute_metric(ctx.store, "vocab_specialisation", **scope, min_count=count)
+        if vocab.empty:
+            tops = html.P(f"no token seen at least {count} times in this scope; lower the minimum count",
+                          className="muted")
+        else:
+            as_bytes = int(vocab["token_id"].max()) < BYTE_VOCAB
+            table = top_tokens(vocab, E, as_bytes)
+            tops = html.Table([html.Thead(html.Tr([html.Th("expert"), html.Th(
+                "top tokens (share of their occurrences routed here)" + ("" if as_bytes else ", as token ids"))])),
+                html.Tbody([html.Tr([html.Td(r.expert), html.Td(r.tokens, className="tokens")])
+                            for r in table.itertuples()])], id="spec-top-tokens-table", className="table")
+
+        co = compute_metric(ctx.store, "coactivation", **scope)
+        if co.empty:
+            coact = figures.empty_figure(figures.NO_DATA, "Co-activation")
+        else:
+            grid = (co.pivot_table(index="expert_i", columns="expert_j", values="coactivation", aggfunc="sum")
+                    .reindex(index=range(E), columns=range(E)))
+            coact = figures.matrix_heatmap(grid, title=f"Co-activation — {where}: P(j chosen | i chosen)",
+                                           x_title="expert j", y_title="expert i", colour_title="P(j | i)",
+                                           zrange=(0.0, 1.0), uirevision=f"{run}|{layer_id}")
+
+        rep = compute_metric(ctx.store, "repetition", run=run, steps=steps, checkpoint=checkpoint or None, by="window")
+        repetition = figures.grouped_bars(
+            rep, "layer", {"top1_repeat": "top-1 repeated", "topk_overlap": "top-k overlap"},
+            baselines={"top1_baseline": "random: 1/E", "topk_baseline": "random: 1 − C(E−k,k)/C(E,k)"},
+            title="Adjacent tokens sharing experts, per layer", x_title="layer", y_title="share of adjacent pairs")
+        return domain, tops, coact, repetition, common.message(problems, step_note, layer_note)
