@@ -203,7 +203,7 @@ def make_layout(ep_size, gpus_per_node, redundant_slots, expert_groups, toleranc
 def parse_policies(policy, expert_map) -> list[str]:
     if policy is None:
         policy = "map" if expert_map is not None else "contiguous"
-    if policy == "all":
+    if policy == "all" or isinstance(policy, (list, tuple)) and "all" in policy:
         policies = [p for p in POLICIES if p != "map" or expert_map is not None]
     else:
         policies = [policy] if isinstance(policy, str) else list(policy) if isinstance(policy, (list, tuple)) else None

@@ -157,6 +157,36 @@ def cmd_scenario(args) -> int:
     return 0
 
 
+def cmd_whatif(args) -> int:
+    import pandas as pd
+
+    def ints(flag, text, sep=","):
+        try:
+            return [int(x) for x in text.split(sep)] if text else None
+        except ValueError:
+            raise CliError(f"{flag} must be integers separated by {sep!r}, got {text!r}") from None
+
+    steps, fit_steps = (None if s is None else tuple(ints(f, s, ":") or ()) for f, s in (("--steps", args.steps),
+                                                                                      ("--fit-steps", args.fit_steps)))
+    scope = dict(layers=ints("--layers", args.layers), steps=steps, by="step" if args.per_step else "window")
+    store = _store(args, create=False)
+    if args.kind == "cache":
+        df = store.metric("expert_cache", run=args.run, cache_sizes=ints("--cache-sizes", args.cache_sizes), **scope)
+        print(df.to_string(index=False))
+        return 0
+    expert_map = None if args.expert_map is None else [ints("--expert-map", d, "+") for d in args.expert_map.split(",")]
+    df = store.metric("placement", run=args.run, ep_size=args.ep_size, gpus_per_node=args.gpus_per_node,
+                      redundant_slots=args.redundant_slots, policy=args.policy, expert_map=expert_map,
+                      expert_groups=args.expert_groups, hidden_size=args.hidden_size, dtype=args.dtype,
+                      fit_steps=fit_steps, **scope)
+    with pd.option_context("display.width", 250, "display.max_columns", 40):
+        print(df.drop(columns=["placement"], errors="ignore").to_string(index=False))
+    for row in df[df.suggested].itertuples() if "suggested" in df else ():
+        print(f"layer {row.layer}: suggested {row.policy} (balancedness {row.balancedness:.3f}, "
+              f"x{row.improvement:.2f} over {row.current}); devices -> experts: {row.placement}")
+    return 0
+
+
 def cmd_worker(args) -> int:
     from moescope.collector.celery_app import run_worker
 
@@ -300,6 +330,27 @@ def build_parser() -> argparse.ArgumentParser:
     resend.add_argument("--broker", default=None, help="Redis URL (default $MOESCOPE_BROKER_URL)")
     resend.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the store's acknowledgements")
     resend.set_defaults(func=cmd_resend)
+
+    from moescope.analysis.placement import POLICIES
+
+    whatif = sub.add_parser("whatif", parents=[common], help="expert placement / hot-set cache what-if on a recorded run")
+    whatif.add_argument("kind", choices=["placement", "cache"])
+    whatif.add_argument("run")
+    whatif.add_argument("--layers", help="layer ids, e.g. 0,3 (default all)")
+    whatif.add_argument("--steps", help="LO:HI, inclusive: the window replayed (default all)")
+    whatif.add_argument("--per-step", action="store_true", help="a row per step (placement: per step and device)")
+    whatif.add_argument("--ep-size", type=int, default=None, help="placement: expert-parallel devices (default <= 8)")
+    whatif.add_argument("--gpus-per-node", type=int, default=None, help="placement: devices per node (default all)")
+    whatif.add_argument("--redundant-slots", type=int, default=0, help="placement: extra expert slots for replicas")
+    whatif.add_argument("--policy", nargs="+", choices=[*POLICIES, "all"], default=None,
+                        help="placement: one or more policies, or all (default contiguous, or map with --expert-map)")
+    whatif.add_argument("--expert-map", help="placement: device of each expert, e.g. 0,0,1,1 (replicas: 0+2)")
+    whatif.add_argument("--expert-groups", type=int, default=1, help="placement: EPLB expert groups (default 1)")
+    whatif.add_argument("--hidden-size", type=int, default=None, help="placement: hidden size, to report bytes")
+    whatif.add_argument("--dtype", default="bfloat16", help="placement: dtype sent by the all-to-all (default bfloat16)")
+    whatif.add_argument("--fit-steps", help="placement: LO:HI the load-aware policies are fitted on (default --steps)")
+    whatif.add_argument("--cache-sizes", default="1,2,4", help="cache: experts held, e.g. 1,2,4 (default)")
+    whatif.set_defaults(func=cmd_whatif)
 
     worker = sub.add_parser("worker", parents=[common], help="Celery ingest worker")
     worker.add_argument("--concurrency", type=int, default=1, help="Celery task concurrency (scheduled tasks)")

@@ -11,6 +11,7 @@ from whatif_traces import top1_trace, write_trace  # noqa: E402
 
 from moescope.analysis import compute_metric  # noqa: E402
 from moescope.analysis import placement_replay as pr  # noqa: E402
+from moescope.cli import main  # noqa: E402
 
 # Eight top-2 tokens over E=8 experts; the token at pos p lives on device p mod 4.
 EIGHT = {0: [(0, (0, 1)), (1, (0, 2)), (2, (0, 4)), (3, (0, 6)), (4, (1, 3)), (5, (2, 5)), (6, (4, 7)), (7, (6, 7))]}
@@ -210,3 +211,41 @@ def test_tokens_with_varying_expert_counts_replay_row_by_row(store):
             recv[d] += 1
     assert _devices(df, "copies_sent") == sent.tolist()
     assert _devices(df, "copies_recv") == recv.tolist()
+
+
+def test_cli_whatif_placement_prints_the_policies_and_the_suggested_map(store, capsys):
+    write_trace(store, "skew", top1_trace([8, 7, 6, 5, 4, 3, 2, 1], [0, 1]), num_experts=8, top_k=1)
+    code = main(["whatif", "placement", "skew", "--store", str(store.root), "--ep-size", "4", "--policy", "contiguous", "eplb",
+                 "--fit-steps", "0:0", "--steps", "1:1", "--hidden-size", "8"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "contiguous" in out and "eplb" in out
+    assert "layer 0: suggested eplb (balancedness 1.000, x1.67 over contiguous)" in out
+
+
+def test_cli_whatif_cache_prints_hit_rates(store, capsys):
+    write_trace(store, "c", {0: [(0, (0,)), (1, (0,)), (2, (1,))]}, num_experts=2, top_k=1)
+    assert main(["whatif", "cache", "c", "--store", str(store.root), "--cache-sizes", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["layer", "cache_size", "num_experts", "coverage", "lru_hit_rate", "lfu_hit_rate", "accesses"]
+    assert out[1].split() == ["0", "1", "2", f"{2 / 3:.6f}", f"{1 / 3:.6f}", f"{1 / 3:.6f}", "3"]
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["whatif", "placement", "nope"], "unknown run 'nope'"),
+    (["whatif", "placement", "eight", "--ep-size", "3"], "do not divide over ep_size 3"),
+    (["whatif", "placement", "eight", "--steps", "0-5"], "--steps must be integers"),
+    (["whatif", "placement", "eight", "--expert-map", "0,1,x"], "--expert-map must be integers"),
+])
+def test_cli_whatif_mistakes_are_one_line_errors(eight, capsys, argv, fragment):
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--store", str(eight.root)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and fragment in err[0]
+
+
+def test_cli_whatif_refuses_a_store_that_does_not_exist(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["whatif", "cache", "r", "--store", str(tmp_path / "missing")])
+    assert exit_.value.code == 2 and "no store at" in capsys.readouterr().err
+    assert not (tmp_path / "missing").exists()
