@@ -234,3 +234,12 @@ def register_drill_down(app: dash.Dash, heatmap_id: str, layer_input_id: str) ->
             return int(click["points"][0]["y"])
         except (TypeError, KeyError, IndexError, ValueError):
             return dash.no_update
+
+
+def resolve(store: Store, run: str, layer, step_min, step_max) -> tuple[tuple[int, int] | None, int | None,
+                                                                       pd.DataFrame, list[str | None]]:
+    """A single-run page's scope: the step window, the layer to show, the run's layers, and notes on the input."""
+    store.require_run(run)
+    steps, step_note = window(step_min, step_max)
+    layer_id, meta, layer_note = pick_layer(store, run, layer)
+    return steps, layer_id, meta, [step_note, layer_note]

@@ -85,10 +85,8 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
     def update(run, layer, step_min, step_max, smoothing, _n, problems):
         if not run:
             return empty("pick a run", problems)
-        ctx.store.require_run(run)
-        steps, step_note = common.window(step_min, step_max)
+        steps, layer_id, meta, notes = common.resolve(ctx.store, run, layer, step_min, step_max)
         weight, smooth_note = common.smoothing_weight(smoothing)
-        layer_id, meta, layer_note = common.pick_layer(ctx.store, run, layer)
         if layer_id is None:
             return empty(figures.NO_DATA, problems)
         phase = summaries.series_phase(ctx.store, run)
@@ -104,4 +102,4 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
         heat = figures.step_heatmap(means, "mean", "layer", title=f"Mean router entropy per layer and step — {run}",
                                     row_title="layer", colour_title="entropy (nats)", colorscale="Cividis",
                                     uirevision=run)
-        return bands + [heat, collapse, common.message(problems, step_note, smooth_note, layer_note)]
+        return bands + [heat, collapse, common.message(problems, *notes, smooth_note)]

@@ -75,9 +75,7 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
     def update(run, checkpoint, layer, step_min, step_max, min_count, problems):
         if not run:
             return empty("pick a run", problems)
-        ctx.store.require_run(run)
-        steps, step_note = common.window(step_min, step_max)
-        layer_id, meta, layer_note = common.pick_layer(ctx.store, run, layer)
+        steps, layer_id, meta, notes = common.resolve(ctx.store, run, layer, step_min, step_max)
         if layer_id is None:
             return empty(figures.NO_DATA, problems)
         E, k = (int(v) for v in meta.loc[meta["layer"] == layer_id, ["E", "k"]].iloc[0])
@@ -125,4 +123,4 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
             rep, "layer", {"top1_repeat": "top-1 repeated", "topk_overlap": "top-k overlap"},
             baselines={"top1_baseline": "random: 1/E", "topk_baseline": "random: 1 − C(E−k,k)/C(E,k)"},
             title="Adjacent tokens sharing experts, per layer", x_title="layer", y_title="share of adjacent pairs")
-        return domain, tops, coact, repetition, common.message(problems, step_note, layer_note)
+        return domain, tops, coact, repetition, common.message(problems, *notes)
