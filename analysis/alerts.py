@@ -495,11 +495,16 @@ def _notify(notify: Callable[[dict], Any], event: dict) -> bool:
 
 
 def deliver_pending(store, *, settings=None) -> set[int]:
-    """POST every undelivered event to its rule's webhook, oldest first; returns the ids delivered now."""
+    """POST every undelivered event to its rule's webhook, oldest first; returns the ids delivered now.
+
+    After a webhook fails, its later events wait for the next evaluation: a dead host
+    costs one timeout per evaluation, not one per queued event, and events reach each
+    webhook in order.
+    """
     allowed = _allowed_hosts(settings)
-    delivered = set()
+    delivered, failing = set(), set()
     for row in store.undelivered_alert_events(DELIVERY_ATTEMPTS):
-        if not store.claim_alert_delivery(row["id"], row["attempts"]):
+        if row["webhook"] in failing or not store.claim_alert_delivery(row["id"], row["attempts"]):
             continue  # another evaluator is trying this one
         event = {**row, "layer": row["rule_layer"], "aggregation": row["aggregation"] or "window",
                  "scope": _public({"layer": row["rule_layer"], "expert": row["expert"]})["scope"],
@@ -507,6 +512,8 @@ def deliver_pending(store, *, settings=None) -> set[int]:
         if post_webhook(row["webhook"], payload(event), allowed_hosts=allowed):
             store.mark_alert_delivered(row["id"])
             delivered.add(row["id"])
+        else:
+            failing.add(row["webhook"])
     return delivered
 
 

@@ -90,6 +90,20 @@ def test_an_undelivered_event_is_retried_at_the_next_evaluation(store, hook_serv
     assert len(hook_server.received) == 3  # delivered events are not sent again
 
 
+def test_after_a_failure_later_events_to_that_webhook_wait_and_then_arrive_in_order(store, hook_server):
+    hook_server.answers[:] = [500, 500]
+    _write_step(store, 0, collapsed=True)
+    alerts.add_rule(store, "dead", "dead_experts", ">", 0, window_steps=1, webhook=hook_server.url)
+    alerts.evaluate_alerts(store)  # firing: attempt 1 fails
+    _write_step(store, 1, collapsed=False)
+    [resolved] = alerts.evaluate_alerts(store)  # firing's attempt 2 fails; resolved waits untried
+    assert resolved["notified"] is False and alerts.list_events(store)[0]["attempts"] == 0
+    alerts.evaluate_alerts(store)
+    assert [(b["state"], b["attempt"]) for b in hook_server.received] == [
+        ("firing", 1), ("firing", 2), ("firing", 3), ("resolved", 1)]
+    assert all(e["notified"] for e in alerts.list_events(store))
+
+
 def test_retries_stop_after_the_bounded_number_of_attempts(store, hook_server):
     hook_server.answers[:] = [500] * 100
     _write_step(store, 0, collapsed=True)
