@@ -97,7 +97,7 @@ def type_into(driver, element_id: str, text: str) -> None:
     """Replace a debounced dcc.Input's value and commit it with Enter."""
     from selenium.webdriver.common.keys import Keys
 
-    box = driver.find_element("id", element_id)
+    box = wait_for(driver, f"return document.getElementById({element_id!r});")
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys(Keys.BACKSPACE)
     box.send_keys(text + Keys.ENTER)
