@@ -42,6 +42,7 @@ def replay(model: nn.Module, store, probe_set: str, *, run: str, checkpoint: str
     if not isinstance(checkpoint, str) or not checkpoint:
         raise ReplayError(f"checkpoint must be a non-empty string, got {checkpoint!r}")
     step = _step_of(store, run, checkpoint, step)
+    _check_fits(model, ps, probe_set)
     if _replayed(store, run, checkpoint, probe_set):
         raise ReplayError(f"checkpoint {checkpoint!r} of run {run!r} is already replayed through probe set {probe_set!r}")
     store.add_checkpoint(run, checkpoint, step, None if path is None else str(path))
@@ -70,6 +71,15 @@ def replay(model: nn.Module, store, probe_set: str, *, run: str, checkpoint: str
                           f"expected {ps.tokens} tokens x {stats['sites']} routers ({lost} captures lost); "
                           "the model must route every unpadded token of input_ids")
     return {"checkpoint": checkpoint, "step": step, "sequences": len(ps), "tokens": ps.tokens, "layers": stats["sites"]}
+
+
+def _check_fits(model: nn.Module, ps, name: str) -> None:
+    """Refuse before recording anything when the model's declared context is shorter than a sequence."""
+    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
+    limit = getattr(cfg, "max_seq_len", None) or getattr(cfg, "max_position_embeddings", None)
+    longest = max(s.size for s in ps.sequences)
+    if isinstance(limit, int) and longest > limit:
+        raise ReplayError(f"probe set {name!r} has sequences of {longest} tokens; the model takes at most {limit}")
 
 
 def _step_of(store, run: str, checkpoint: str, step) -> int:
@@ -153,7 +163,7 @@ def replay_checkpoint_files(store, run: str, probe_set: str, paths: list[str | P
     named after the file (its stem) with the step saved in it. Everything is checked
     before the first replay, so a mistake records nothing.
     """
-    longest = max(s.size for s in store.probe_set(probe_set).sequences)
+    ps = store.probe_set(probe_set)
     check_run_id(run)
     if not paths:
         raise ReplayError("give at least one checkpoint file")
@@ -161,9 +171,7 @@ def replay_checkpoint_files(store, run: str, probe_set: str, paths: list[str | P
     plan = []
     for p in paths:
         model, saved_step = load_reference_checkpoint(p)
-        if longest > model.cfg.max_seq_len:
-            raise ReplayError(f"probe set {probe_set!r} has sequences of {longest} tokens; the model of {str(p)!r} "
-                              f"takes at most max_seq_len={model.cfg.max_seq_len}")
+        _check_fits(model, ps, probe_set)
         name, step = by_path.get(str(Path(p).resolve()), (Path(p).stem, None))
         step = step if step is not None else saved_step
         if step is None:

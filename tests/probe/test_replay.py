@@ -86,6 +86,10 @@ def test_replay_refuses_a_second_replay_an_unknown_set_and_an_unknown_step(store
         replay(model, store, "small", run="r", checkpoint="c9")
     store.add_checkpoint("r", "c5", 5)
     assert replay(model, store, "small", run="r", checkpoint="c5")["step"] == 5
+    short = MoETransformer.from_config(ModelConfig(**{**CFG.__dict__, "max_seq_len": 16}))
+    with pytest.raises(ReplayError, match="probe set 'small' has sequences of 24 tokens; the model takes at most 16"):
+        replay(short, store, "small", run="r", checkpoint="c6", step=6)
+    assert "c6" not in set(store.checkpoints("r").checkpoint)  # refused before anything was recorded
 
 
 def _permuted(model: MoETransformer, perm: torch.Tensor) -> MoETransformer:
@@ -155,4 +159,4 @@ def test_cli_replays_reference_checkpoint_files_in_order(tmp_path, model, capsys
     short = MoETransformer.from_config(ModelConfig(**{**CFG.__dict__, "max_seq_len": 64}))
     save_reference_checkpoint(short, tmp_path / "short.pt", 3)
     _one_line_error(run_cli(capsys, "replay", *args, "--checkpoint", str(tmp_path / "short.pt")),
-                    "probe set 'corpus' has sequences of 128 tokens; the model of")
+                    "probe set 'corpus' has sequences of 128 tokens; the model takes at most 64")
