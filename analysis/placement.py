@@ -222,6 +222,8 @@ def build_placement(policy: str, layout: Layout, e: int, weight_E=None, coact_EE
             raise ValueError("redundant_slots does not apply to an expert_map: its replicas are the ones it lists")
         return map_devices(expert_map, e, g)
     num_physical = e + layout.redundant_slots
+    if layout.redundant_slots > 8 * e:
+        raise ValueError(f"redundant_slots {layout.redundant_slots} is more than 8 replicas per expert of the layer's {e}")
     if num_physical % g:
         raise ValueError(f"{e} experts + {layout.redundant_slots} redundant slots = {num_physical} physical slots "
                          f"do not divide over ep_size {g}")
