@@ -249,3 +249,26 @@ def test_cli_whatif_refuses_a_store_that_does_not_exist(tmp_path, capsys):
         main(["whatif", "cache", "r", "--store", str(tmp_path / "missing")])
     assert exit_.value.code == 2 and "no store at" in capsys.readouterr().err
     assert not (tmp_path / "missing").exists()
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_readme_what_if_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    section = README.read_text().split("## What-if", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    command = section.split("`moescope whatif ", 1)[1].split("`", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    from moescope.collector.store import Store
+
+    store = Store(tmp_path / "moescope-data")
+    trace = {s: [(pos, ((pos + s) % 8, (pos * 3 + 1) % 8 if (pos * 3 + 1) % 8 != (pos + s) % 8 else (pos + s + 1) % 8))
+                 for pos in range(16)] for s in (0, 50, 100, 150)}
+    write_trace(store, "my-run", trace, num_experts=8, top_k=2)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    placed = namespace["store"].metric("placement", run="my-run", ep_size=4, gpus_per_node=2, policy="all", by="window",
+                                       fit_steps=(0, 99), steps=(100, 199), hidden_size=4096, dtype="bf16")
+    assert placed.suggested.sum() == 1 and placed.bytes_per_step.notna().all()
+    assert main(["whatif", *command.split()]) == 0
+    assert "suggested" in capsys.readouterr().out
