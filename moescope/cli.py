@@ -130,6 +130,23 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_validate(args) -> int:
+    from moescope.analysis.validate import validate_run
+
+    result = validate_run(_store(args, create=False), args.run, examples=args.examples)
+    print(result.text())
+    return 0 if result.ok else 1
+
+
+def cmd_report(args) -> int:
+    from moescope.analysis.report import write_report
+
+    report = write_report(_store(args, create=False), args.run, around=args.around, out=args.out)
+    print(report.markdown)
+    print(f"wrote {report.html_path}\nwrote {report.markdown_path}")
+    return 0
+
+
 def cmd_replay(args) -> int:
     from moescope.probe.replay import replay_checkpoint_files
 
@@ -300,6 +317,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run")
     export.add_argument("--out", required=True, help="output .duckdb file (must not exist)")
     export.set_defaults(func=cmd_export)
+
+    validate = sub.add_parser("validate", parents=[common], help="check the recorded data's invariants; exit 1 on a violation")
+    validate.add_argument("run")
+    validate.add_argument("--examples", type=int, default=3, help="example rows shown per failed check (default 3)")
+    validate.set_defaults(func=cmd_validate)
+
+    report = sub.add_parser("report", parents=[common], help="offline HTML incident report + Markdown summary of one run")
+    report.add_argument("run")
+    report.add_argument("--around", type=int, default=None, help="step the charts centre on (default: the earliest onset)")
+    report.add_argument("--out", default=None, help="HTML file to write (default ./moescope-report-RUN.html); .md beside it")
+    report.set_defaults(func=cmd_report)
 
     replay = sub.add_parser("replay", parents=[common],
                             help="replay a registered probe set through checkpoints of the reference model")
