@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -87,6 +88,7 @@ class Store(AlertRecords):
         if not create:
             _require_sqlite_file(self.database_url)
         self.engine = _engine_with_retry(self.database_url)
+        self._local = threading.local()
 
     # ---------------------------------------------------------------- writing
     def write_frame(self, frame: Frame) -> bool:
@@ -362,14 +364,48 @@ class Store(AlertRecords):
             raise
         return con
 
-    def _query(self, fn, run: str | None):
+    @contextlib.contextmanager
+    def reading(self, run: str | None = None):
+        """Queries of `run` inside the block share one DuckDB connection over one read of the segment list.
+
+        A metric runs several queries (layer sizes, then its own); each would otherwise
+        list the segments and open a connection again. Per thread, so sessions never mix.
+        """
+        outer = getattr(self._local, "session", None)
+        if outer is not None and outer[0] == run:
+            yield self
+            return
+        session = [run, self._query(lambda c: c, run, keep_open=True)]
+        self._local.session = session
+        try:
+            yield self
+        finally:
+            self._local.session = outer
+            session[1].close()
+
+    def _query(self, fn, run: str | None, *, keep_open: bool = False):
         """fn(connection) over the live segments; an unreadable segment is quarantined and the query retried."""
+        session = getattr(self._local, "session", None)
+        if session is not None and session[0] == run and not keep_open:
+            try:
+                return fn(session[1])
+            except duckdb.Error as exc:
+                rel = self._segment_named_in(str(exc), run)
+                if rel is None or not self.verify_segments(run, paths=[rel]):
+                    raise
+                session[1].close()  # a segment went bad under the session: reopen without it, once
+                session[1] = self._query(lambda c: c, run, keep_open=True)
+                return fn(session[1])
         tried: set[str] = set()
-        fill = False
+        fill = keep_open  # a shared connection serves any query: bind older segments' missing columns up front
         while True:
             con = None
             try:
                 con = self.connect(run, fill_missing=fill)
+                if keep_open:
+                    con.execute("SELECT count(*) FROM routing, token_stats, expert_step WHERE FALSE").fetchall()
+                    out, con = con, None  # the caller owns it now
+                    return out
                 return fn(con)
             except duckdb.Error as exc:
                 if isinstance(exc, duckdb.BinderException) and not fill:
