@@ -234,11 +234,11 @@ def build_placement(policy: str, layout: Layout, e: int, weight_E=None, coact_EE
     if policy == "coactivation":
         return coactivation_aware(weight_E, coact_EE, num_physical, g, layout.tolerance)
     groups, nodes = layout.expert_groups, layout.nodes
-    if e % groups:
-        raise ValueError(f"expert_groups {groups} does not divide the layer's {e} experts")
-    if policy == "eplb" and groups % nodes == 0 and (num_physical // nodes) >= e // nodes and num_physical % nodes == 0:
+    if policy == "eplb" and groups % nodes == 0:  # the published dispatch: hierarchical when groups split over nodes
+        if e % groups:
+            raise ValueError(f"expert_groups {groups} does not divide the layer's {e} experts")
         return eplb_hierarchical(weight_E, num_physical, groups, nodes, g)
-    return eplb_hierarchical(weight_E, num_physical, 1, 1, g)  # the published global policy
+    return eplb_hierarchical(weight_E, num_physical, 1, 1, g)  # the global policy
 
 
 def fraction_EG(devices: Devices, e: int, g: int) -> np.ndarray:

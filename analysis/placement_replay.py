@@ -1,15 +1,17 @@
 """Streamed replay of routing rows for the placement what-if: all-to-all copies and co-activation.
 
 Legend: G devices, L layers of the window, E experts (the largest layer), K top-k, n rows
-of a batch, f[c, d] the share of expert code c = l·E + e that device d computes.
+of a batch, S = E^K signatures (a token's chosen experts in slot order), f[l, e, d] the
+share of expert e's tokens that device d computes under a placement.
 
 Rows are read in the order they were written, where the probe keeps a token's K slots
-consecutive (slot 0 first), so a token's chosen set is its run of rows: no per-token
-GROUP BY (the expensive part of doing this in SQL). Every batch is checked for that
-layout; when it does not hold, the caller replays again sorted by token. DuckDB turns
-each row into small ints (step offset, layer·G + home, home, expert code, slot) in
-parallel; numpy does the rest, a few passes over those columns per placement. The last
-K − 1 rows of a batch are kept so that tokens spanning two batches are still whole.
+consecutive (slot 0 first): a token is its run of rows, so no per-token GROUP BY (the
+expensive part of doing this in SQL). DuckDB turns each row into two small ints in
+parallel (key = (step, layer, home device), code = expert, slot); numpy checks the
+layout, builds a histogram of tokens by (key, signature) per batch and prices it with
+per-placement tables (SignatureReplay). Tokens with varying K replay row by row
+(Replay); rows written in another order are replayed sorted by token. A background
+thread scans the next batch while numpy works on the current one.
 """
 from __future__ import annotations
 
