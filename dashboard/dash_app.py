@@ -17,6 +17,9 @@ from moescope.dashboard.pages import PAGES, common
 from moescope.settings import Settings, get_settings
 
 
+CHART_REFRESH_FACTOR = 6
+
+
 def create_dash(store: Store, *, requests_prefix: str = "/dash/", refresh_ms: int = 5000,
                 settings: Settings | None = None) -> dash.Dash:
     """A Dash app on its own Flask server, to be mounted at `requests_prefix` of the FastAPI app."""
@@ -42,5 +45,8 @@ def _shell(prefix: str, refresh_ms: int) -> html.Div:
             html.H1("moescope"), html.Nav(nav, className="nav"),
             html.Span("Mixture-of-Experts router observability", className="tagline")]),
         dcc.Interval(id="refresh", interval=refresh_ms, n_intervals=0),
+        # Charts over steps refresh less often: a refresh that comes before the previous answer
+        # makes Dash drop that answer, so a slow query on a busy machine would never draw.
+        dcc.Interval(id="refresh-charts", interval=refresh_ms * CHART_REFRESH_FACTOR, n_intervals=0),
         dash.page_container,
     ])

@@ -48,7 +48,7 @@ def ema(values, weight: float) -> np.ndarray:
     return out
 
 
-def _step_axis(steps) -> dict:
+def step_axis(steps) -> dict:
     """An x axis of whole steps: unit ticks on short ranges, integer labels otherwise."""
     steps = list(steps)
     span = (max(steps) - min(steps)) if steps else 0
@@ -81,7 +81,7 @@ def step_lines(series: dict[str, pd.DataFrame], value: str, *, title: str, y_tit
         fig.add_hline(y=baseline, line={"color": "#999", "dash": "dot"}, annotation_text=baseline_label,
                       annotation_position="top left")
     all_steps = [s for df in series.values() for s in df["step"].astype("int64")]
-    fig.update_layout(title=title, margin=_MARGIN, xaxis=_step_axis(all_steps), yaxis={"title": {"text": y_title}},
+    fig.update_layout(title=title, margin=_MARGIN, xaxis=step_axis(all_steps), yaxis={"title": {"text": y_title}},
                       legend={"orientation": "h", "y": -0.25}, uirevision=uirevision, height=340)
     return fig
 
@@ -108,7 +108,7 @@ def band_chart(df: pd.DataFrame, *, title: str, y_title: str, uirevision: str = 
                       annotation_position="top left")
     for step in onsets or []:
         fig.add_vline(x=int(step), line={"color": "#d62728", "dash": "dash"}, annotation_text=f"collapse onset {int(step)}")
-    fig.update_layout(title=title, margin=_MARGIN, xaxis=_step_axis(steps), yaxis={"title": {"text": y_title}},
+    fig.update_layout(title=title, margin=_MARGIN, xaxis=step_axis(steps), yaxis={"title": {"text": y_title}},
                       legend={"orientation": "h", "y": -0.25}, uirevision=uirevision, height=340)
     return fig
 
@@ -144,7 +144,7 @@ def step_heatmap(df: pd.DataFrame, value: str, row: str, *, title: str, row_titl
         colorbar={"title": {"text": colour_title}},
         hovertemplate=f"{row_label or row_title} %{{y}}<br>step %{{x}}<br>{colour_title} %{{z:.4g}}<extra></extra>"))
     suffix = f" (steps averaged in buckets of {width})" if width > 1 else ""
-    fig.update_layout(title=title + suffix, margin=_MARGIN, xaxis=_step_axis(grid.columns),
+    fig.update_layout(title=title + suffix, margin=_MARGIN, xaxis=step_axis(grid.columns),
                       yaxis={"title": {"text": row_title}, "autorange": "reversed", "tickformat": "d",
                              **({"dtick": 1} if len(rows) <= 16 else {})},
                       uirevision=uirevision, height=max(320, min(900, 140 + 12 * len(rows))))

@@ -79,7 +79,7 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
 
     @app.callback(outputs, Input("balance-runs", "value"), Input("balance-layer", "value"),
                   Input("balance-step-min", "value"), Input("balance-step-max", "value"),
-                  Input("balance-smoothing", "value"), Input("balance-fixed", "value"), Input("refresh", "n_intervals"),
+                  Input("balance-smoothing", "value"), Input("balance-fixed", "value"), Input("refresh-charts", "n_intervals"),
                   State("balance-problems", "data"))
     @common.guarded(empty)
     def update(runs, layer, step_min, step_max, smoothing, fixed, _n, problems):

@@ -80,7 +80,7 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
 
     @app.callback(outputs, Input("health-runs", "value"), Input("health-layer", "value"),
                   Input("health-step-min", "value"), Input("health-step-max", "value"),
-                  Input("health-smoothing", "value"), Input("refresh", "n_intervals"), State("health-problems", "data"))
+                  Input("health-smoothing", "value"), Input("refresh-charts", "n_intervals"), State("health-problems", "data"))
     @common.guarded(empty)
     def update(run, layer, step_min, step_max, smoothing, _n, problems):
         if not run:

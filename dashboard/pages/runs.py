@@ -56,7 +56,7 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
     common.register_url_sync(app, PREFIX, PATH, {"runs": "runs-select"})
 
     @app.callback(Output("runs-table-holder", "children"), Output("runs-select", "options"),
-                  Output("runs-message", "children"), Input("refresh", "n_intervals"), Input("runs-problems", "data"),
+                  Output("runs-message", "children"), Input("refresh-charts", "n_intervals"), Input("runs-problems", "data"),
                   State("runs-select", "value"))
     @common.guarded(lambda msg: (None, [], common.message([msg])))
     def refresh(_n, problems, selected):
