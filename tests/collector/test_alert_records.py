@@ -1,8 +1,7 @@
 """Alert rules, events and evaluation state through Store methods, on SQLite and PostgreSQL;
-an older SQLite store (alert tables without the new columns) opens and keeps its rules."""
+an older store (alert tables without the new columns) opens and keeps its rules."""
 from __future__ import annotations
 
-import sqlite3
 import sys
 import threading
 import uuid
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from sqlalchemy import create_engine
 
 from moescope.analysis import alerts
 from moescope.collector.alert_records import DuplicateAlertRule
@@ -94,24 +94,31 @@ def test_a_rule_firing_before_state_was_kept_is_seen_as_firing(meta_store):
                                                 "firing": True, "ema": None}
 
 
-OLD_SCHEMA = """
-CREATE TABLE alert_rules (id INTEGER PRIMARY KEY AUTOINCREMENT, name VARCHAR(200) NOT NULL UNIQUE,
-  metric VARCHAR(100) NOT NULL, run VARCHAR(200), layer INTEGER, expert INTEGER, comparison VARCHAR(4) NOT NULL,
-  threshold FLOAT NOT NULL, window_steps INTEGER NOT NULL, for_evaluations INTEGER NOT NULL, webhook TEXT,
-  enabled BOOLEAN NOT NULL, created_at FLOAT NOT NULL);
-CREATE TABLE alert_events (id INTEGER PRIMARY KEY AUTOINCREMENT, rule_id INTEGER NOT NULL, run VARCHAR(200) NOT NULL,
-  layer INTEGER, state VARCHAR(20) NOT NULL, value FLOAT, step INTEGER, evidence JSON, notified BOOLEAN NOT NULL,
-  created_at FLOAT NOT NULL);
-INSERT INTO alert_rules VALUES (1, 'old', 'maxvio', NULL, NULL, NULL, '>', 2.0, 10, 1, NULL, 1, 0.0);
-INSERT INTO alert_events VALUES (1, 1, 'r', NULL, 'firing', 3.0, 4, '{}', 0, 0.0);
-"""
+OLD_SCHEMA = [  # the alert tables as the first release created them
+    """CREATE TABLE alert_rules (id {serial}, name VARCHAR(200) NOT NULL UNIQUE, metric VARCHAR(100) NOT NULL,
+       run VARCHAR(200), layer INTEGER, expert INTEGER, comparison VARCHAR(4) NOT NULL, threshold FLOAT NOT NULL,
+       window_steps INTEGER NOT NULL, for_evaluations INTEGER NOT NULL, webhook TEXT, enabled BOOLEAN NOT NULL,
+       created_at FLOAT NOT NULL)""",
+    """CREATE TABLE alert_events (id {serial}, rule_id INTEGER NOT NULL, run VARCHAR(200) NOT NULL, layer INTEGER,
+       state VARCHAR(20) NOT NULL, value FLOAT, step INTEGER, evidence JSON, notified BOOLEAN NOT NULL,
+       created_at FLOAT NOT NULL)""",
+    """INSERT INTO alert_rules (name, metric, comparison, threshold, window_steps, for_evaluations, enabled, created_at)
+       VALUES ('old', 'maxvio', '>', 2.0, 10, 1, TRUE, 0.0)""",
+    """INSERT INTO alert_events (rule_id, run, state, value, step, evidence, notified, created_at)
+       VALUES (1, 'r', 'firing', 3.0, 4, '{{}}', FALSE, 0.0)""",
+]
 
 
-def test_an_older_sqlite_store_gains_the_new_alert_columns_and_keeps_its_rules(tmp_path):
+def test_an_older_store_gains_the_new_alert_columns_and_keeps_its_rules(tmp_path, database_url):
     (tmp_path / "store").mkdir()
-    with sqlite3.connect(tmp_path / "store" / "meta.sqlite") as db:
-        db.executescript(OLD_SCHEMA)
-    store = Store(tmp_path / "store")
+    url = database_url or f"sqlite:///{tmp_path / 'store' / 'meta.sqlite'}"
+    serial = "SERIAL PRIMARY KEY" if url.startswith("postgresql") else "INTEGER PRIMARY KEY AUTOINCREMENT"
+    old = create_engine(url)
+    with old.begin() as conn:
+        for statement in OLD_SCHEMA:
+            conn.exec_driver_sql(statement.format(serial=serial))
+    old.dispose()
+    store = Store(tmp_path / "store", database_url)
     try:
         [rule] = alerts.list_rules(store)
         assert rule["name"] == "old" and rule["aggregation"] == "window" and rule["window_steps"] == 10
@@ -120,7 +127,7 @@ def test_an_older_sqlite_store_gains_the_new_alert_columns_and_keeps_its_rules(t
         assert store.undelivered_alert_events(max_attempts=5) == []  # an old event is not sent late
         assert store.alert_state(1, "r")["firing"] is True
         assert alerts.add_rule(store, "new", "cv", ">", 1.0, aggregation="ema", ema_span=9)["ema_alpha"] == 0.2
-        Store(tmp_path / "store").close()  # opening again finds the columns present
+        Store(tmp_path / "store", database_url).close()  # opening again finds the columns present
     finally:
         store.close()
 
