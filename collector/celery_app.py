@@ -18,7 +18,8 @@ from click import Option
 from moescope.collector.ingest import IngestStep
 from moescope.settings import Settings, get_settings
 
-app = Celery("moescope", include=["moescope.collector.tasks"])
+# Task modules by name: the alert task belongs to analysis, which the collector never imports.
+app = Celery("moescope", include=["moescope.collector.tasks", "moescope.analysis.tasks"])
 app.steps["worker"].add(IngestStep)
 app.user_options["worker"].add(Option(("--ingest-threads",), type=int, default=None,
                                       help="frame-stream consumer threads in this worker (default: settings.ingest_threads)"))

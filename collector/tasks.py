@@ -1,10 +1,10 @@
 """Scheduled maintenance tasks. Small and idempotent; they take no objects, only ids.
 
 Frames do not travel as tasks (see collector/ingest.py); these run from the beat schedule.
+Alert evaluation is analysis work: its task lives in moescope.analysis.tasks.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 
@@ -38,21 +38,5 @@ def retention() -> dict:
         if settings.retention_days is not None:
             out["runs_deleted"] = store.delete_runs_before(time.time() - settings.retention_days * 86400)
         return out
-    finally:
-        store.close()
-
-
-@app.task(name="moescope.evaluate_alerts", ignore_result=True)
-def evaluate_alerts() -> int:
-    """Evaluate the alert rules (moescope.analysis.alerts); returns the number of events written."""
-    try:
-        alerts = importlib.import_module("moescope.analysis.alerts")
-    except ImportError as exc:
-        log.info("alert evaluation skipped: %s", exc)
-        return 0
-    store = _store()
-    try:
-        events = alerts.evaluate_alerts(store)
-        return len(events) if hasattr(events, "__len__") else int(events or 0)
     finally:
         store.close()
