@@ -185,7 +185,7 @@ def cmd_whatif(args) -> int:
 
     steps, fit_steps = (None if s is None else tuple(ints(f, s, ":") or ()) for f, s in (("--steps", args.steps),
                                                                                       ("--fit-steps", args.fit_steps)))
-    scope = dict(layers=ints("--layers", args.layers), steps=steps, by="step" if args.per_step else "window")
+    scope = dict(layers=ints("--layers", args.layers), steps=steps, phase=args.phase, by="step" if args.per_step else "window")
     store = _store(args, create=False)
     if args.kind == "cache":
         df = store.metric("expert_cache", run=args.run, cache_sizes=ints("--cache-sizes", args.cache_sizes), **scope)
@@ -366,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     whatif.add_argument("run")
     whatif.add_argument("--layers", help="layer ids, e.g. 0,3 (default all)")
     whatif.add_argument("--steps", help="LO:HI, inclusive: the window replayed (default all)")
+    whatif.add_argument("--phase", help="only rows of this phase (train, eval, prefill, decode)")
     whatif.add_argument("--per-step", action="store_true", help="a row per step (placement: per step and device)")
     whatif.add_argument("--ep-size", type=int, default=None, help="placement: expert-parallel devices (default <= 8)")
     whatif.add_argument("--gpus-per-node", type=int, default=None, help="placement: devices per node (default all)")

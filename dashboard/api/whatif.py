@@ -101,13 +101,14 @@ def _rows(df: pd.DataFrame) -> list[dict]:
 Layers = Annotated[list[str] | None, Query(description="layer ids, comma-separated or repeated")]
 StepMin = Annotated[int | None, Query(description="first step of the evaluated window, inclusive")]
 StepMax = Annotated[int | None, Query(description="last step of the evaluated window, inclusive")]
+Phase = Annotated[str | None, Query(description="only rows of this phase: train, eval, prefill or decode")]
 
 
-def _placement(store, run, by, layers, step_min, step_max, fit_step_min, fit_step_max, ep_size, gpus_per_node,
+def _placement(store, run, by, layers, step_min, step_max, phase, fit_step_min, fit_step_max, ep_size, gpus_per_node,
                redundant_slots, policy, expert_map, expert_groups, hidden_size, dtype) -> list[dict]:
     try:
         df = compute_metric(store, "placement", run=run, layers=parse_layers(layers), steps=_steps(step_min, step_max),
-                            by=by, ep_size=ep_size, gpus_per_node=gpus_per_node, redundant_slots=redundant_slots,
+                            phase=phase, by=by, ep_size=ep_size, gpus_per_node=gpus_per_node, redundant_slots=redundant_slots,
                             policy=policy or None, expert_map=_expert_map(expert_map), expert_groups=expert_groups,
                             hidden_size=hidden_size, dtype=dtype, fit_steps=_steps(fit_step_min, fit_step_max))
     except ValueError as exc:
@@ -118,7 +119,7 @@ def _placement(store, run, by, layers, step_min, step_max, fit_step_min, fit_ste
 @router.get("/{run}/whatif/placement", response_model=list[PlacementSummary])
 def get_placement_whatif(
     run: RunDep, store: StoreDep, layers: Layers = None, step_min: StepMin = None, step_max: StepMax = None,
-    fit_step_min: Annotated[int | None, Query(description="first step the load-aware policies are fitted on")] = None,
+    phase: Phase = None, fit_step_min: Annotated[int | None, Query(description="first step the load-aware policies are fitted on")] = None,
     fit_step_max: Annotated[int | None, Query(description="last step they are fitted on (default: the evaluated window)")] = None,
     ep_size: Annotated[int | None, Query(description="expert-parallel devices (default: the largest of 1..8 dividing E)")] = None,
     gpus_per_node: Annotated[int | None, Query(description="devices per node (default: all on one node)")] = None,
@@ -130,33 +131,33 @@ def get_placement_whatif(
     dtype: Annotated[str, Query(description="dtype the all-to-all sends")] = "bfloat16",
 ) -> list[dict]:
     """Placement what-if per layer and policy: balance and all-to-all traffic, fit/eval gap, suggested map."""
-    return _placement(store, run, "window", layers, step_min, step_max, fit_step_min, fit_step_max, ep_size, gpus_per_node,
+    return _placement(store, run, "window", layers, step_min, step_max, phase, fit_step_min, fit_step_max, ep_size, gpus_per_node,
                       redundant_slots, policy, expert_map, expert_groups, hidden_size, dtype)
 
 
 @router.get("/{run}/whatif/placement/devices", response_model=list[PlacementDevice])
 def get_placement_devices(
     run: RunDep, store: StoreDep, layers: Layers = None, step_min: StepMin = None, step_max: StepMax = None,
-    fit_step_min: int | None = None, fit_step_max: int | None = None, ep_size: int | None = None,
+    phase: Phase = None, fit_step_min: int | None = None, fit_step_max: int | None = None, ep_size: int | None = None,
     gpus_per_node: int | None = None, redundant_slots: int = 0,
     policy: Annotated[list[Policy] | None, Query(description="one or more policies (repeat), or all")] = None,
     expert_map: str | None = None, expert_groups: int = 1, hidden_size: int | None = None, dtype: str = "bfloat16",
 ) -> list[dict]:
     """Placement what-if per step and device: tokens, balancedness, overload, copies and bytes sent and received."""
-    return _placement(store, run, "step", layers, step_min, step_max, fit_step_min, fit_step_max, ep_size, gpus_per_node,
+    return _placement(store, run, "step", layers, step_min, step_max, phase, fit_step_min, fit_step_max, ep_size, gpus_per_node,
                       redundant_slots, policy, expert_map, expert_groups, hidden_size, dtype)
 
 
 @router.get("/{run}/whatif/cache", response_model=list[CacheRow])
 def get_cache_whatif(
     run: RunDep, store: StoreDep, layers: Layers = None, step_min: StepMin = None, step_max: StepMax = None,
-    cache_sizes: Annotated[list[int] | None, Query(description="experts held by the cache (repeat); default 1, 2, 4")] = None,
+    phase: Phase = None, cache_sizes: Annotated[list[int] | None, Query(description="experts held by the cache (repeat); default 1, 2, 4")] = None,
     by: Annotated[Literal["step", "window"], Query(description="a row per step, or one over the window")] = "window",
 ) -> list[dict]:
     """Hot-set cache what-if per layer and cache size: top-N coverage, LRU and LFU hit rates over the recorded order."""
     try:
         df = compute_metric(store, "expert_cache", run=run, layers=parse_layers(layers), steps=_steps(step_min, step_max),
-                            by=by, cache_sizes=cache_sizes or (1, 2, 4))
+                            phase=phase, by=by, cache_sizes=cache_sizes or (1, 2, 4))
     except ValueError as exc:
         raise HTTPException(status_code=400, detail=str(exc)) from None
     return _rows(df)

@@ -236,6 +236,7 @@ def test_cli_whatif_cache_prints_hit_rates(store, capsys):
     (["whatif", "placement", "eight", "--ep-size", "3"], "do not divide over ep_size 3"),
     (["whatif", "placement", "eight", "--steps", "0-5"], "--steps must be integers"),
     (["whatif", "placement", "eight", "--expert-map", "0,1,x"], "--expert-map must be integers"),
+    (["whatif", "placement", "eight", "--phase", "decode"], "no expert_step rows"),
 ])
 def test_cli_whatif_mistakes_are_one_line_errors(eight, capsys, argv, fragment):
     with pytest.raises(SystemExit) as exit_:

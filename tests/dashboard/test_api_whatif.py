@@ -58,7 +58,7 @@ def test_cache_route_equals_the_metric(client, recorded_store):
     res = client.get(f"/api/runs/{RUN}/whatif/cache", params={"cache_sizes": [1, 3], "layers": "1"})
     assert res.status_code == 200, res.text
     _same(res.json(), compute_metric(recorded_store, "expert_cache", RUN, layers=[1], cache_sizes=[1, 3]))
-    per_step = client.get(f"/api/runs/{RUN}/whatif/cache", params={"by": "step"}).json()
+    per_step = client.get(f"/api/runs/{RUN}/whatif/cache", params={"by": "step", "phase": "train"}).json()
     assert {r["step"] for r in per_step} == set(range(STEPS))
 
 
@@ -67,6 +67,7 @@ def test_cache_route_equals_the_metric(client, recorded_store):
     ("placement", {"expert_map": "0,1,x"}, 400, "expert_map must be devices per expert"),
     ("placement", {"policy": "best"}, 422, ""),
     ("placement/devices", {"step_min": 100}, 400, "no expert_step rows"),
+    ("placement", {"phase": "decode"}, 400, "no expert_step rows"),
     ("cache", {"cache_sizes": 0}, 400, "cache_sizes must be a list of positive ints"),
 ])
 def test_bad_what_if_options_answer_with_the_reason(client, path, params, status, fragment):
