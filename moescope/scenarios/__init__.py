@@ -22,18 +22,23 @@ from moescope.schema import check_run_id
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    module: str          # moescope.scenarios.<module>.run(ctx) -> Report
+    entry: str           # "module[:function]" in moescope.scenarios, called as function(ctx) -> Report (default run)
     default_steps: int
     summary: str
 
     def load(self):
-        return importlib.import_module(f"moescope.scenarios.{self.module}").run
+        module, _, function = self.entry.partition(":")
+        return getattr(importlib.import_module(f"moescope.scenarios.{module}"), function or "run")
 
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("capacity", "capacity", 60, "tokens dropped vs capacity factor, top-2 and top-1, with and without the aux loss"),
     Scenario("mismatch", "mismatch", 60, "the same tokens routed twice: fp32 vs bf16, torch vs Triton"),
+    Scenario("collapse", "collapse", 60, "no balancing, and a planted router fault: collapse detection and alerts"),
+    Scenario("balanced", "collapse:run_balanced", 60, "the healthy twin of collapse: Switch loss, nothing planted"),
     Scenario("loss-free", "loss_free", 120, "loss-free bias balancing vs the aux loss: MaxVio and validation loss"),
+    Scenario("drift", "drift", 120, "checkpoints replayed on a probe set: router saturation and last-fluctuation CDF"),
+    Scenario("specialisation", "specialisation", 120, "domain specialisation of the trained experts against k/E"),
 ]}
 
 

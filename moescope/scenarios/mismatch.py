@@ -45,13 +45,16 @@ def topk_mismatch(store, run: str, a: str, b: str) -> tuple[pd.DataFrame, float]
     return per_layer, float(anywhere.share.iloc[0])
 
 
+def use_triton_interpreter() -> None:
+    """On CPU the Triton kernels run on the interpreter, chosen before Triton is first imported (torch may import it)."""
+    if not torch.cuda.is_available() and "triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def triton_available() -> bool:
-    """On CPU the Triton kernels run on the interpreter, which must be chosen before any kernel is defined."""
-    if not torch.cuda.is_available():
-        if "moescope.kernels.triton" not in sys.modules:
-            os.environ.setdefault("TRITON_INTERPRET", "1")
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            return False
+    use_triton_interpreter()
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -59,18 +62,19 @@ def triton_available() -> bool:
     return True
 
 
-def run(ctx: Context, *, sequences_per_domain: int = 2, with_triton: bool = True) -> Report:
+def run(ctx: Context, *, setup: Setup = SETUP, sequences_per_domain: int = 2, with_triton: bool = True) -> Report:
     report = Report("mismatch")
+    use_triton_interpreter()  # before training: the optimiser's first step may import Triton
     name = ctx.run_id("routes")
-    trained = train(ctx.recorder, name, SETUP, steps=ctx.steps, seed=ctx.seed, progress=ctx.progress)
+    trained = train(ctx.recorder, name, setup, steps=ctx.steps, seed=ctx.seed, progress=ctx.progress)
     report.runs.append(name)
-    probe_set = held_out_batches(SETUP, sequences_per_domain=sequences_per_domain, batch_size=8)
+    probe_set = held_out_batches(setup, sequences_per_domain=sequences_per_domain, batch_size=8)
     state = {k: v.clone() for k, v in trained.model.state_dict().items()}
     # Each variant routes the same probe tokens; recorded as an eval checkpoint of the run.
     variants = {"fp32": trained.model, "fp32-again": trained.model,
-                "bf16": _rebuilt(SETUP, state).to(torch.bfloat16)}
+                "bf16": _rebuilt(setup, state).to(torch.bfloat16)}
     if with_triton and triton_available():
-        variants["triton-fp32"] = _rebuilt(replace(SETUP, backend="triton"), state)
+        variants["triton-fp32"] = _rebuilt(replace(setup, backend="triton"), state)
     else:
         report.notes.append("Triton is not available here: torch vs Triton not compared")
     for checkpoint, model in variants.items():
