@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse, RedirectResponse
 
 from moescope.collector.store import Store
-from moescope.dashboard import prometheus
+from moescope.dashboard import docs, prometheus
 from moescope.dashboard.api import alerts, metrics, runs, whatif
 from moescope.dashboard.dash_app import create_dash
 from moescope.dashboard.deps import StoreDep
@@ -26,7 +26,8 @@ DASH_PREFIX = "/dash/"
 def create_app(store: Store, settings: Settings | None = None, *, refresh_ms: int = 5000) -> FastAPI:
     """The whole service for one store: /api/..., /healthz, /metrics, and the dashboard at /dash/."""
     app = FastAPI(title="moescope", summary="Mixture-of-Experts router observability: runs, routing metrics, alerts.",
-                  version=moescope.__version__)
+                  version=moescope.__version__, docs_url=None, redoc_url=None)
+    docs.mount_docs(app)  # Swagger UI and ReDoc from local files, not a CDN
     app.state.store = store
     app.state.settings = settings if settings is not None else get_settings()
     for module in (runs, metrics, alerts, whatif):
@@ -41,10 +42,12 @@ def create_app(store: Store, settings: Settings | None = None, *, refresh_ms: in
         """Liveness and store reachability: the number of recorded runs."""
         return {"status": "ok", "store": str(store.root), "runs": len(store.runs())}
 
+    app.state.prometheus = prometheus.registry_for(store)  # this app's own registry, no process-global state
+
     @app.get("/metrics", tags=["service"], response_class=PlainTextResponse)
-    def get_prometheus_metrics(store: StoreDep) -> PlainTextResponse:
-        """Prometheus text exposition: frames and routing rows per run, alerts firing now."""
-        return PlainTextResponse(prometheus.exposition(store), media_type=prometheus.CONTENT_TYPE)
+    def get_prometheus_metrics() -> PlainTextResponse:
+        """Prometheus text exposition: ingest counters, alerts firing now, routing health of each run's latest window."""
+        return PlainTextResponse(prometheus.exposition(app.state.prometheus), media_type=prometheus.CONTENT_TYPE)
 
     dash_app = create_dash(store, requests_prefix=DASH_PREFIX, refresh_ms=refresh_ms, settings=app.state.settings)
     app.state.dash = dash_app

@@ -132,18 +132,18 @@ def test_firing_alert_shows_in_events_and_prometheus(client, recorded_store):
     assert [(e["rule_id"], e["state"]) for e in events] == [(event["rule_id"], "firing")]
     assert client.get("/api/alerts/events", params={"run": "other"}).json() == []
     text = client.get("/metrics").text
-    assert f'moescope_alerts_firing{{rule="imbalance",run="{RUN}"}} 1' in text
-    assert "moescope_alerts_firing_total 1" in text
+    assert f'moescope_alerts_firing{{layer="",rule="imbalance",run="{RUN}"}} 1.0' in text
+    assert "moescope_alerts_firing_pairs 1.0" in text
 
 
 def test_prometheus_exposition_counts_frames_and_rows_per_run(client):
     resp = client.get("/metrics")
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain; version=0.0.4")
     lines = resp.text.splitlines()
-    assert f'moescope_ingest_frames_total{{run="{RUN}"}} {STEPS}' in lines
-    assert f'moescope_routing_rows_total{{run="{RUN}"}} {ROUTING_ROWS}' in lines
+    assert f'moescope_ingest_frames_total{{run="{RUN}"}} {STEPS}.0' in lines
+    assert f'moescope_routing_rows_total{{run="{RUN}"}} {ROUTING_ROWS}.0' in lines
     assert "# TYPE moescope_ingest_frames_total counter" in lines
-    assert "moescope_alerts_firing_total 0" in lines
+    assert "moescope_alerts_firing_pairs 0.0" in lines
     # Every sample line belongs to a declared family.
     families = {line.split()[2] for line in lines if line.startswith("# TYPE")}
     assert all(line.split("{")[0].split()[0] in families for line in lines if not line.startswith("#"))
