@@ -10,10 +10,17 @@ except PackageNotFoundError:  # running from a checkout that was never installed
 
 
 def open_store(root=None, database_url=None, *, create: bool = True):
-    """Open (or create) a store directory; see moescope.collector.store.Store."""
-    from moescope.collector.store import open_store as _open
+    """Open (or create) a store directory: storage plus `store.metric(...)` (moescope.analysis.store.AnalysisStore).
 
-    return _open(root, database_url, create=create)
+    root defaults to settings.store ($MOESCOPE_STORE, else ./moescope-data); create=False
+    refuses a path that holds no store instead of creating one.
+    """
+    from moescope.analysis.store import AnalysisStore
+    from moescope.settings import get_settings
+
+    settings = get_settings()
+    return AnalysisStore(root if root is not None else settings.store, database_url or settings.database_url,
+                         create=create)
 
 
 __all__ = ["open_store", "__version__"]

@@ -20,10 +20,10 @@ class CliError(Exception):
 
 
 def _store(args, *, create: bool = True):
-    from moescope.collector.store import Store
+    from moescope import open_store
 
     settings = get_settings(store=args.store)
-    return Store(settings.store, settings.database_url, create=create)
+    return open_store(settings.store, settings.database_url, create=create)
 
 
 def cmd_demo(args) -> int:
