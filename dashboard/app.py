@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse, RedirectResponse
 
 from moescope.collector.store import Store
-from moescope.dashboard import prometheus
+from moescope.dashboard import docs, prometheus
 from moescope.dashboard.api import alerts, metrics, runs, whatif
 from moescope.dashboard.dash_app import create_dash
 from moescope.dashboard.deps import StoreDep
@@ -26,7 +26,8 @@ DASH_PREFIX = "/dash/"
 def create_app(store: Store, settings: Settings | None = None, *, refresh_ms: int = 5000) -> FastAPI:
     """The whole service for one store: /api/..., /healthz, /metrics, and the dashboard at /dash/."""
     app = FastAPI(title="moescope", summary="Mixture-of-Experts router observability: runs, routing metrics, alerts.",
-                  version=moescope.__version__)
+                  version=moescope.__version__, docs_url=None, redoc_url=None)
+    docs.mount_docs(app)  # Swagger UI and ReDoc from local files, not a CDN
     app.state.store = store
     app.state.settings = settings if settings is not None else get_settings()
     for module in (runs, metrics, alerts, whatif):
