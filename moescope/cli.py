@@ -293,38 +293,38 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", parents=[common], help="train the reference MoE with the probe attached, record, then serve")
     demo.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
     demo.add_argument("--run", default=None, help="run id (default demo-<timestamp>)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the model, corpus and batches")
     demo.add_argument("--checkpoints", type=int, default=4, help="checkpoints saved during training (default 4)")
     demo.add_argument("--backend", choices=["torch", "triton"], default="torch", help="MoE layer implementation")
     demo.add_argument("--no-serve", action="store_true", help="stop after recording")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
-    demo.add_argument("--host", default=None)
-    demo.add_argument("--port", type=int, default=None)
+    demo.add_argument("--host", default=None, help="address to serve on afterwards (default settings.host, 127.0.0.1)")
+    demo.add_argument("--port", type=int, default=None, help="port to serve on afterwards (default settings.port, 8050)")
     demo.set_defaults(func=cmd_demo)
 
     serve = sub.add_parser("serve", parents=[common], help="serve the API and dashboard on 127.0.0.1")
-    serve.add_argument("--host", default=None)
-    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--host", default=None, help="address to bind (default settings.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port to bind (default settings.port, 8050)")
     serve.set_defaults(func=cmd_serve)
 
     sub.add_parser("runs", parents=[common], help="table of recorded runs").set_defaults(func=cmd_runs)
 
     check = sub.add_parser("check", parents=[common], help="ledger reconciliation; non-zero exit on a gap")
-    check.add_argument("run")
+    check.add_argument("run", help="run id")
     check.set_defaults(func=cmd_check)
 
     export = sub.add_parser("export", parents=[common], help="write a self-contained DuckDB database of one run")
-    export.add_argument("run")
+    export.add_argument("run", help="run id")
     export.add_argument("--out", required=True, help="output .duckdb file (must not exist)")
     export.set_defaults(func=cmd_export)
 
     validate = sub.add_parser("validate", parents=[common], help="check the recorded data's invariants; exit 1 on a violation")
-    validate.add_argument("run")
+    validate.add_argument("run", help="run id")
     validate.add_argument("--examples", type=int, default=3, help="example rows shown per failed check (default 3)")
     validate.set_defaults(func=cmd_validate)
 
     report = sub.add_parser("report", parents=[common], help="offline HTML incident report + Markdown summary of one run")
-    report.add_argument("run")
+    report.add_argument("run", help="run id")
     report.add_argument("--around", type=int, default=None, help="step the charts centre on (default: the earliest onset)")
     report.add_argument("--out", default=None, help="HTML file to write (default ./moescope-report-RUN.html); .md beside it")
     report.set_defaults(func=cmd_report)
@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "record it, print its figures and verdict")
     scenario.add_argument("name", choices=list(SCENARIOS), help="; ".join(f"{s.name}: {s.summary}" for s in SCENARIOS.values()))
     scenario.add_argument("--steps", type=int, default=None, help="training steps per run (default per scenario)")
-    scenario.add_argument("--seed", type=int, default=0)
+    scenario.add_argument("--seed", type=int, default=0, help="seed of the models, corpus and batches")
     scenario.add_argument("--run", default=None, help="prefix of the run ids (default NAME-<timestamp>)")
     scenario.add_argument("--broker", default=None, help="record through this Redis URL into `moescope worker`s "
                           "(default $MOESCOPE_BROKER_URL if set, else straight into the store)")
@@ -362,8 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     from moescope.analysis.placement import POLICIES
 
     whatif = sub.add_parser("whatif", parents=[common], help="expert placement / hot-set cache what-if on a recorded run")
-    whatif.add_argument("kind", choices=["placement", "cache"])
-    whatif.add_argument("run")
+    whatif.add_argument("kind", choices=["placement", "cache"], help="expert placement over devices, or a hot-expert cache")
+    whatif.add_argument("run", help="run id whose recorded traffic is replayed")
     whatif.add_argument("--layers", help="layer ids, e.g. 0,3 (default all)")
     whatif.add_argument("--steps", help="LO:HI, inclusive: the window replayed (default all)")
     whatif.add_argument("--phase", help="only rows of this phase (train, eval, prefill, decode)")
@@ -389,22 +389,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     alerts = sub.add_parser("alerts", parents=[common],
                             help="list / add / delete / test alert rules, evaluate them, show events")
-    alerts.add_argument("action", choices=["list", "add", "delete", "events", "evaluate", "test"])
+    alerts.add_argument("action", choices=["list", "add", "delete", "events", "evaluate", "test"],
+                        help="what to do with the alert rules")
     alerts.add_argument("rule", nargs="?", help="delete / test: the rule's id (digits) or name")
     alerts.add_argument("--name", help="add: the new rule's name (not all digits); delete: the rule to delete")
     alerts.add_argument("--metric", help="add: maxvio, dead_experts, drop_rate, entropy or cv")
     alerts.add_argument("--comparison", default=">", choices=[">", ">=", "<", "<="])
-    alerts.add_argument("--threshold", type=float)
+    alerts.add_argument("--threshold", type=float, help="value the metric is compared with (add)")
     alerts.add_argument("--run", help="add: only this run; test: the run to replay; events: only this run")
-    alerts.add_argument("--layer", type=int)
-    alerts.add_argument("--expert", type=int)
+    alerts.add_argument("--layer", type=int, help="only this layer (add; default: averaged over layers)")
+    alerts.add_argument("--expert", type=int, help="only this expert (add; maxvio, dead_experts, drop_rate)")
     alerts.add_argument("--aggregation", default="window", choices=["step", "window", "ema"],
                         help="the series compared: each step, a rolling window, or a moving average (default window)")
     alerts.add_argument("--window", type=int, default=None, help="aggregation window: steps pooled (default 50)")
     alerts.add_argument("--ema-alpha", type=float, help="aggregation ema: weight of the newest step (0 < alpha <= 1)")
     alerts.add_argument("--ema-span", type=float, help="aggregation ema: span N, alpha = 2 / (N + 1)")
     alerts.add_argument("--for-evaluations", type=int, default=1, help="consecutive breaching steps before firing")
-    alerts.add_argument("--webhook")
+    alerts.add_argument("--webhook", help="http(s) URL that receives each event as JSON (add)")
     alerts.set_defaults(func=cmd_alerts)
     return parser
 
