@@ -230,6 +230,6 @@ def test_readme_prometheus_example_runs(recorded_store):
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme.split("## Prometheus\n", 1)[1].split("\n## ", 1)[0]
+    section = readme.split("## Prometheus and Grafana\n", 1)[1].split("\n## ", 1)[0]
     [block] = section.split("```python\n")[1:]
     exec(compile(block.split("```")[0], "README.md#prometheus", "exec"), {"store": recorded_store})
