@@ -166,12 +166,12 @@ def register_checkpoint_options(app: dash.Dash, ctx: Context, prefix: str, suffi
 def register_url_sync(app: dash.Dash, prefix: str, path: str, controls: dict[str, str]) -> None:
     """Write the controls' values into the page URL (history.replaceState) and its share link.
 
-    controls maps a query key to the id of the control whose `value` it carries.
+    controls maps a query key to the id of the control whose `value` it carries ("id.prop" for another property).
     """
     keys = list(controls)
+    inputs = [Input(*cid.split(".", 1)) if "." in cid else Input(cid, "value") for cid in controls.values()]
 
-    @app.callback(Output(f"{prefix}-search", "data"), Output(f"{prefix}-share", "href"),
-                  [Input(cid, "value") for cid in controls.values()])
+    @app.callback(Output(f"{prefix}-search", "data"), Output(f"{prefix}-share", "href"), inputs)
     def to_url(*values):
         search = state.search(**dict(zip(keys, values)))
         return search, href(path, search)

@@ -6,6 +6,8 @@ sequences labelled "code" and "prose"); checkpoint "ck-early" covers steps 0–2
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -24,8 +26,13 @@ def checkpoint_of(step: int) -> str:
     return "ck-early" if step < 3 else "ck-late"
 
 
-def make_frame(step: int, rng: np.random.Generator, producer: str = "p0", run: str = RUN) -> Frame:
+def make_frame(step: int, rng: np.random.Generator, producer: str = "p0", run: str = RUN, *,
+               probe_set: str | None = None, checkpoint: str | None = None) -> Frame:
+    """One training step; with probe_set, a replay of that probe set (same token ids every time, phase eval)."""
     routing, stats, agg = [], [], []
+    token_rng = np.random.default_rng(4242) if probe_set else rng
+    checkpoint = checkpoint or checkpoint_of(step)
+    phase = "eval" if probe_set else "train"
     for layer in LAYERS:
         logits_TE = rng.normal(size=(SEQS * POSITIONS, E)) * 1.5
         logits_TE[:, 0] += 0.8  # expert 0 is the favourite, so load is visibly unbalanced
@@ -39,26 +46,26 @@ def make_frame(step: int, rng: np.random.Generator, producer: str = "p0", run: s
         lse_T = np.log(np.exp(logits_TE).sum(1))
         for t in range(SEQS * POSITIONS):
             seq, pos = divmod(t, POSITIONS)
-            ctx = dict(run=run, checkpoint=checkpoint_of(step), step=step, rank=0, microbatch=0, seq=seq, pos=pos,
-                       token_id=int(rng.integers(0, 256)), layer=layer)
+            ctx = dict(run=run, checkpoint=checkpoint, step=step, rank=0, microbatch=0, seq=seq, pos=pos,
+                       token_id=int(token_rng.integers(0, 256)), layer=layer)
             for slot in range(K):
                 routing.append(dict(ctx, slot=slot, expert=int(experts_TK[t, slot]), weight=float(weights_TK[t, slot]),
-                                    dropped=False, domain=DOMAINS[seq], phase="train"))
+                                    dropped=False, domain=DOMAINS[seq], phase=phase, probe_set=probe_set))
             p = probs_TE[t]
             stats.append(dict(ctx, entropy=float(-(p * np.log(np.clip(p, 1e-30, None))).sum()), logsumexp=float(lse_T[t]),
-                              margin=float(top_TK[t, 0] - top_TK[t, 1]), domain=DOMAINS[seq], phase="train"))
+                              margin=float(top_TK[t, 0] - top_TK[t, 1]), domain=DOMAINS[seq], phase=phase))
         for expert in range(E):
             chosen = experts_TK == expert
-            agg.append(dict(run=run, checkpoint=checkpoint_of(step), step=step, rank=0, layer=layer, expert=expert,
+            agg.append(dict(run=run, checkpoint=checkpoint, step=step, rank=0, layer=layer, expert=expert,
                             num_tokens=SEQS * POSITIONS, tokens=int(chosen.sum()), dropped=0,
                             top1=int(chosen[:, 0].sum()), prob_sum=float(probs_TE[:, expert].sum()),
-                            weight_sum=float(weights_TK[chosen].sum()), phase="train"))
+                            weight_sum=float(weights_TK[chosen].sum()), phase=phase))
     tables = {"routing": pa.Table.from_pylist(routing, schema=ROUTING),
               "token_stats": pa.Table.from_pylist(stats, schema=TOKEN_STATS),
               "expert_step": pa.Table.from_pylist(agg, schema=EXPERT_STEP)}
     meta = {"layers": [{"layer": layer, "module_path": f"layers.{layer}.mlp.router", "num_experts": E, "top_k": K,
                         "router_kind": "softmax-topk", "capacity_factor": None} for layer in LAYERS],
-            "checkpoints": [{"checkpoint": checkpoint_of(step), "step": 0 if step < 3 else 3}]}
+            "checkpoints": [{"checkpoint": checkpoint, "step": 0 if step < 3 else 3}]}
     return Frame(run=run, producer=producer, seq=step, tables=tables, meta=meta, final=step == STEPS - 1)
 
 
@@ -66,6 +73,18 @@ def fill_store(store: Store, seed: int = 0, run: str = RUN) -> Store:
     rng = np.random.default_rng(seed)
     for step in range(STEPS):
         assert store.write_frame(make_frame(step, rng, run=run, producer="p0" if run == RUN else f"p0-{run}"))
+    return store
+
+
+PROBE_SET = "probe"
+
+
+def add_replays(store: Store, run: str = RUN, seed: int = 11) -> Store:
+    """Replays of the probe set through both checkpoints of `run`, at the checkpoints' steps."""
+    rng = np.random.default_rng(seed)
+    for i, (checkpoint, step) in enumerate((("ck-early", 0), ("ck-late", 3))):
+        frame = make_frame(step, rng, producer=f"replay-{run}", run=run, probe_set=PROBE_SET, checkpoint=checkpoint)
+        assert store.write_frame(dataclasses.replace(frame, seq=i, final=False))
     return store
 
 
