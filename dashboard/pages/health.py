@@ -3,6 +3,7 @@ the mean over steps, and the mean entropy of every layer as a layer × step heat
 from __future__ import annotations
 
 import dash
+import pandas as pd
 from dash import Input, Output, State, html
 
 from moescope.analysis import METRICS, compute_metric
@@ -52,7 +53,7 @@ def collapse_onsets(store, run: str, layer: int | None) -> tuple[list[int], html
     if verdicts.empty:
         return [], html.P("no collapse verdict for this scope", className="muted")
     rows = verdicts if layer is None else verdicts[verdicts["layer"] == layer]
-    onsets = [int(s) for s in rows["onset_step"] if s is not None and s == s]
+    onsets = [int(s) for s in rows["onset_step"] if pd.notna(s)]
     evidence = compute_metric(store, "collapse", run=run, detail="evidence")
     return onsets, html.Section(className="panel", children=[
         html.H3("Collapse verdicts per layer (onsets marked on the charts of their layer)"),

@@ -63,11 +63,30 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
 
     def empty(msg, problems=None):
         fig = figures.empty_figure(msg)
-        return fig, html.P(msg, className="muted"), fig, fig, common.message(problems, msg)
+        return fig, html.P(msg, className="muted"), fig, common.message(problems, msg)
+
+    @app.callback(Output("spec-repetition", "figure"),
+                  Input("spec-runs", "value"), Input("spec-checkpoint", "value"), Input("spec-layer", "value"),
+                  Input("spec-step-min", "value"), Input("spec-step-max", "value"))
+    @common.guarded(figures.empty_figure)
+    def update_repetition(run, checkpoint, layer, step_min, step_max):
+        # Its own callback: the adjacent-token window query is the slowest here, the rest need not wait.
+        if not run:
+            return figures.empty_figure("pick a run")
+        steps, layer_id, _, _ = common.resolve(ctx.store, run, layer, step_min, step_max)
+        if layer_id is None:
+            return figures.empty_figure(figures.NO_DATA)
+        rep = compute_metric(ctx.store, "repetition", run=run, layers=[layer_id], steps=steps,
+                             checkpoint=checkpoint or None, by="window")
+        return figures.grouped_bars(
+            rep, "layer", {"top1_repeat": "top-1 repeated", "topk_overlap": "top-k overlap"},
+            baselines={"top1_baseline": "random: 1/E", "topk_baseline": "random: 1 − C(E−k,k)/C(E,k)"},
+            title=f"Adjacent tokens sharing experts — layer {layer_id}" + (f", checkpoint {checkpoint}" if checkpoint else ""),
+            x_title="layer",
+            y_title="share of adjacent pairs")
 
     @app.callback(Output("spec-domain", "figure"), Output("spec-top-tokens", "children"),
-                  Output("spec-coactivation", "figure"), Output("spec-repetition", "figure"),
-                  Output("spec-message", "children"),
+                  Output("spec-coactivation", "figure"), Output("spec-message", "children"),
                   Input("spec-runs", "value"), Input("spec-checkpoint", "value"), Input("spec-layer", "value"),
                   Input("spec-step-min", "value"), Input("spec-step-max", "value"), Input("spec-min-count", "value"),
                   State("spec-problems", "data"))
@@ -118,9 +137,4 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
                                            x_title="expert j", y_title="expert i", colour_title="P(j | i)",
                                            zrange=(0.0, 1.0), uirevision=f"{run}|{layer_id}")
 
-        rep = compute_metric(ctx.store, "repetition", run=run, steps=steps, checkpoint=checkpoint or None, by="window")
-        repetition = figures.grouped_bars(
-            rep, "layer", {"top1_repeat": "top-1 repeated", "topk_overlap": "top-k overlap"},
-            baselines={"top1_baseline": "random: 1/E", "topk_baseline": "random: 1 − C(E−k,k)/C(E,k)"},
-            title="Adjacent tokens sharing experts, per layer", x_title="layer", y_title="share of adjacent pairs")
-        return domain, tops, coact, repetition, common.message(problems, *notes)
+        return domain, tops, coact, common.message(problems, *notes)

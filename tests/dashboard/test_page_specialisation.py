@@ -46,8 +46,9 @@ def test_specialisation_shows_the_layers_domains_tokens_and_coactivation_for_a_p
             assert z[r.expert_i][r.expert_j] == pytest.approx(r.coactivation)
         assert z[dead] == [None] * E  # never chosen: no row
 
-        rep = wait_for(browser, graph_data("spec-repetition", "data.length === 4"))
-        want_rep = compute_metric(recorded_store, "repetition", run=RUN, checkpoint="ck-early", by="window")
+        rep = wait_for(browser, graph_data("spec-repetition", "data.length === 4 && title.includes('ck-early')"))
+        want_rep = compute_metric(recorded_store, "repetition", run=RUN, layers=[layer], checkpoint="ck-early",
+                                  by="window")
         bars = {t["name"]: t["y"] for t in rep["data"]}
         assert bars["top-1 repeated"] == pytest.approx(list(want_rep.top1_repeat))
         assert bars["random: 1/E"] == pytest.approx(list(want_rep.top1_baseline))
