@@ -78,8 +78,8 @@ def _check_sizes(cache_sizes) -> list[int]:
 def expert_cache(store, scope: Scope, meta: pd.DataFrame, cache_sizes=(1, 2, 4), **options) -> pd.DataFrame:
     """Hot-set cache what-if per layer and cache size N (experts held on the GPU).
 
-    The LRU expert cache of offloaded MoE inference (Eliseev & Mazur 2023, §3.1), and LFU
-    beside it, replayed on the recorded routing.
+    Definition: METRICS.md §20. The LRU expert cache of offloaded MoE inference (Eliseev &
+    Mazur 2023, §3.1), and LFU beside it, replayed on the recorded routing.
 
     coverage: share of assignments taken by the N most loaded experts of the window
     (exact, expert_step; the best static hot set in hindsight). lru_hit_rate / lfu_hit_rate:

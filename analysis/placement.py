@@ -323,8 +323,9 @@ def placement(store, scope: Scope, meta: pd.DataFrame, ep_size=None, gpus_per_no
               tolerance=DEFAULT_TOLERANCE, **options) -> pd.DataFrame:
     """Expert placement what-if: the window's recorded traffic replayed on a placement over EP devices.
 
-    Redundant experts and their packing follow DeepSeek-V3 §3.4 (EPLB); balancedness is the
-    figure vLLM's and SGLang's EPLB log.
+    Definition: METRICS.md §19. Redundant experts and their packing follow DeepSeek-V3
+    (DeepSeek-AI 2024, §3.4; the EPLB algorithm); balancedness is the figure vLLM's and
+    SGLang's EPLB log.
 
     Options: ep_size (G devices; default the largest of 1..8 dividing every layer's E); gpus_per_node (default G: one node); redundant_slots
     (R extra expert slots, E + R divisible by G); policy: "contiguous" (default; slot p holds
