@@ -125,8 +125,16 @@ def cmd_check(args) -> int:
 
 
 def cmd_export(args) -> int:
-    out = _store(args, create=False).export(args.run, args.out)
-    print(f"wrote {out}")
+    if not args.out and not args.tensorboard:
+        raise CliError("export needs --out FILE.duckdb and/or --tensorboard DIR")
+    store = _store(args, create=False)
+    if args.out:
+        print(f"wrote {store.export(args.run, args.out)}")
+    if args.tensorboard:
+        from moescope.probe.loggers import export_tensorboard
+
+        steps = export_tensorboard(store, store.require_run(args.run), args.tensorboard)
+        print(f"wrote TensorBoard event files of {steps} steps to {args.tensorboard}")
     return 0
 
 
@@ -315,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", parents=[common], help="write a self-contained DuckDB database of one run")
     export.add_argument("run", help="run id")
-    export.add_argument("--out", required=True, help="output .duckdb file (must not exist)")
+    export.add_argument("--out", default=None, help="output .duckdb file (must not exist)")
+    export.add_argument("--tensorboard", default=None, metavar="DIR",
+                        help="also (or instead) write routing summaries as TensorBoard event files into DIR")
     export.set_defaults(func=cmd_export)
 
     validate = sub.add_parser("validate", parents=[common], help="check the recorded data's invariants; exit 1 on a violation")
