@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from moescope.probe.adapters.base import Adapter, RouterSite
+from moescope.probe.adapters.structural import register_helper_hooks
+from moescope.probe.adapters.watch import select_sites
 from moescope.probe.capture import AGG_ROWS, CallTensors, HostCopier, SiteState, accumulate
 from moescope.probe.context import ForwardInputs, InputReader, StepContext, check_run_id, detect_rank, read_inputs
 from moescope.probe.framer import ForwardRecord, Framer, SiteRecord, default_producer
@@ -58,7 +60,7 @@ class Probe:
                  checkpoint: str = "initial", step: int = 0, rank: int | None = None, sample_rate: float = 1.0,
                  spec: Any = None, max_host_bytes: int = 256 << 20, producer: str | None = None,
                  sites: list[tuple[Adapter, RouterSite]] | None = None, frame_interval_s: float = 1.0,
-                 frame_rows: int = 1 << 20, seed: int = 0):
+                 frame_rows: int = 1 << 20, seed: int = 0, watch: Any = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
         check_run_id(run)
@@ -72,6 +74,8 @@ class Probe:
             from moescope.probe.adapters import discover
 
             sites = discover(model, spec)  # raises NoRouterFound with a one-line message
+        if watch is not None:
+            sites = select_sites(sites, watch)  # raises ValueError when the filter keeps nothing
         if not sites:
             raise ValueError("attach() got an empty list of router sites")
         self.model = model
@@ -236,6 +240,8 @@ class Probe:
                 module = self.model.get_submodule(path) if path else self.model
             except AttributeError:
                 raise ValueError(f"router site {path!r} is not a submodule of {type(self.model).__name__}") from None
+            # Helper hooks first: a structural adapter's post hook must finish before the site hook reads it.
+            self._handles += register_helper_hooks(self.model, adapter, state.site)
             self._handles.append(module.register_forward_hook(self._site_hook(adapter, state), with_kwargs=True))
         self._handles.append(self.model.register_forward_pre_hook(torch.compiler.disable(self._pre_hook), with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(torch.compiler.disable(self._post_hook), with_kwargs=True,
@@ -476,8 +482,9 @@ def attach(model: nn.Module, sink: str | Sink | None = "local", run: str = "defa
     every hook is removed even on error, or call `probe.detach()` yourself.
     sink: "memory", "local", "local:/path/to/store", "redis://host:6379/0", "null", or a
     Sink. sample_rate samples per-token rows per sequence (expert_step stays exact).
-    Extra options: sites=[(adapter, RouterSite), ...] to skip discovery, frame_interval_s,
-    frame_rows, seed.
+    Extra options: sites=[(adapter, RouterSite), ...] to skip discovery; watch= to record only
+    some of the routers found (layer numbers, module-path globs or a predicate over RouterSite,
+    see moescope.probe.adapters.watch); frame_interval_s, frame_rows, seed.
     """
     return Probe(model, sink=sink, run=run, checkpoint=checkpoint, step=step, rank=rank, sample_rate=sample_rate,
                  spec=spec, max_host_bytes=max_host_bytes, producer=producer, **options)

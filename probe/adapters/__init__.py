@@ -34,9 +34,12 @@ def _default_adapters() -> list[Adapter]:
     from moescope.probe.adapters.deepspeed import DeepSpeedAdapter
     from moescope.probe.adapters.hf import HF_ADAPTERS
     from moescope.probe.adapters.megatron import MegatronAdapter  # imports no megatron itself
+    from moescope.probe.adapters.structural import ExpertsInputAdapter, TopkTraceAdapter
     from moescope.probe.adapters.torchtitan import TorchTitanAdapter
 
-    return [ReferenceAdapter(), *HF_ADAPTERS, DeepSpeedAdapter(), MegatronAdapter(), TorchTitanAdapter()]
+    # Structural detection last: it claims only modules no explicit adapter recognised.
+    return [ReferenceAdapter(), *HF_ADAPTERS, DeepSpeedAdapter(), MegatronAdapter(), TorchTitanAdapter(),
+            ExpertsInputAdapter(), TopkTraceAdapter()]
 
 
 ADAPTERS: list[Adapter] = _default_adapters()
