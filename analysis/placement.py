@@ -33,6 +33,8 @@ from moescope.analysis.query import Scope, check_options, make_scope
 
 POLICIES = ("contiguous", "round_robin", "eplb", "eplb_global", "coactivation", "map")
 LOAD_AWARE = ("eplb", "eplb_global", "coactivation")
+# Suffix of a load-aware policy fitted on the evaluated window itself (hindsight), beside the one fitted on the past.
+HINDSIGHT = "@hindsight"
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2,
                "float8": 1, "fp8": 1, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1}
 # coactivation: a device may be this share of the balanced load above the lightest one and still be chosen.
@@ -350,7 +352,9 @@ def placement(store, scope: Scope, meta: pd.DataFrame, ep_size=None, gpus_per_no
     (mean over steps), balancedness_min, overload, overload_max, copies_per_step,
     bytes_per_step, bytes_sent_max (mean over steps of the busiest sender), the same on the fit
     window (balancedness_fit, copies_per_step_fit, fit_eval_gap = balancedness_fit −
-    balancedness), the current placement (expert_map if given, else contiguous) and this
+    balancedness), balancedness_hindsight (the policy fitted on the evaluated window itself)
+    and staleness = balancedness_hindsight − balancedness (what choosing from past traffic
+    costs; 0 for static policies or when fit_steps is the window), the current placement (expert_map if given, else contiguous) and this
     one's improvement (balancedness / current's) and traffic_ratio (copies / current's),
     suggested (the load-aware policy with the best fit-window balancedness, fewer fit-window
     copies among those within 1%), and placement (device -> experts).
@@ -377,23 +381,31 @@ def placement(store, scope: Scope, meta: pd.DataFrame, ep_size=None, gpus_per_no
     if "coactivation" in policies:
         coact = coactivation_counts(store, scope, _fit_steps(fit_steps, scope), fit_w, layout, e_max, ks)
     current = "map" if expert_map is not None else "contiguous"
-    wanted = list(dict.fromkeys(policies + ([current] if scope.by == "window" else [])))
-    placements: dict[str, list[Devices]] = {}
-    for p in wanted:
+
+    def build(policy: str, window: Window, coact_LEE) -> list[Devices]:
         per_layer = []
-        for li, layer in enumerate(eval_w.layers.tolist()):
+        for li, layer in enumerate(window.layers.tolist()):
             e = e_by_layer[layer]
             try:
-                per_layer.append(build_placement(p, layout, e, fit_w.load_SLE[:, li, :e].sum(0),
-                                                 None if coact is None else coact[li, :e, :e], expert_map))
+                per_layer.append(build_placement(policy, layout, e, window.load_SLE[:, li, :e].sum(0),
+                                                 None if coact_LEE is None else coact_LEE[li, :e, :e], expert_map))
             except ValueError as exc:
                 raise ValueError(f"layer {layer}: {exc}") from None
-        placements[p] = per_layer
+        return per_layer
+
+    wanted = list(dict.fromkeys(policies + ([current] if scope.by == "window" else [])))
+    placements = {p: build(p, fit_w, coact) for p in wanted}
+    hindsight = [p for p in policies if p in LOAD_AWARE] if scope.by == "window" and not same_window else []
+    if hindsight:  # the same policies fitted on the evaluated window itself: what choosing from the past costs
+        coact_eval = (coactivation_counts(store, scope, scope.steps, eval_w, layout, e_max, ks)
+                      if "coactivation" in hindsight else None)
+        placements.update({p + HINDSIGHT: build(p, eval_w, coact_eval) for p in hindsight})
     tables = {p: _table(devs, e_max, layout.ep_size) for p, devs in placements.items()}
     per_step = _evaluate(store, scope, scope.steps, eval_w, tables, layout, e_max, ks, hidden_size, dtype_bytes)
     if scope.by == "step":
         return per_step[per_step.policy.isin(policies)].reset_index(drop=True)
-    fit_step = per_step if same_window else _evaluate(store, scope, _fit_steps(fit_steps, scope), fit_w, tables, layout,
+    fit_tables = {p: t for p, t in tables.items() if not p.endswith(HINDSIGHT)}
+    fit_step = per_step if same_window else _evaluate(store, scope, _fit_steps(fit_steps, scope), fit_w, fit_tables, layout,
                                                       e_max, ks, hidden_size, dtype_bytes)
     per_copy = float("nan") if hidden_size is None else float(hidden_size) * dtype_bytes
     return _summary(per_step, fit_step, policies, current, placements, eval_w.layers.tolist(), layout, per_copy)
@@ -467,6 +479,11 @@ def _summary(per_step, fit_step, policies, current, placements, layers, layout: 
         columns={"balancedness": "balancedness_fit", "copies_per_step": "copies_per_step_fit"})
     df = ev.merge(fit, on=["policy", "layer"], how="left")
     df["fit_eval_gap"] = df.balancedness_fit - df.balancedness
+    hind = ev[ev.policy.str.endswith(HINDSIGHT)].assign(policy=lambda d: d.policy.str.removesuffix(HINDSIGHT))
+    df = df.merge(hind[["policy", "layer", "balancedness"]].rename(columns={"balancedness": "balancedness_hindsight"}),
+                  on=["policy", "layer"], how="left")
+    df["balancedness_hindsight"] = df.balancedness_hindsight.fillna(df.balancedness)
+    df["staleness"] = df.balancedness_hindsight - df.balancedness
     cur = df[df.policy == current].set_index("layer")
     df["current"] = current
     df["improvement"] = df.balancedness / df.layer.map(cur.balancedness)

@@ -128,6 +128,8 @@ def test_suggestion_fitted_on_past_window_is_judged_on_the_later_one(store):
     assert row.balancedness_fit == pytest.approx(1.0)
     assert row.balancedness == pytest.approx(4 / 10)  # later loads: 1+9, 2, 2, 2
     assert row.fit_eval_gap == pytest.approx(1 - 0.4)
+    # fitted on the later traffic itself, EPLB can do no better: expert 7 alone holds 9 of 16
+    assert row.balancedness_hindsight == pytest.approx(0.4) and row.staleness == pytest.approx(0.0)
     # contiguous gets 2 2 2 10 on the later traffic: the past-fitted map is no better there
     assert row.current == "contiguous" and row.improvement == pytest.approx(1.0)
     assert bool(row.suggested)
@@ -150,6 +152,7 @@ def test_suggested_map_reaches_the_optimum_and_cuts_copies_against_contiguous(st
     assert best.copies_per_step.iloc[0] == 12  # 16 tokens, 4 of them live on their pair's device
     assert best.bytes_per_step.iloc[0] == 12 * 8 * 2
     assert best.traffic_ratio.iloc[0] == pytest.approx(0.5)
+    assert (df.staleness == 0).all()  # both windows carry the same traffic
 
 
 def test_rows_written_out_of_order_give_the_same_answer(store):
@@ -273,3 +276,15 @@ def test_readme_what_if_example_runs_as_written(tmp_path, monkeypatch, capsys):
     assert placed.suggested.sum() == 1 and placed.bytes_per_step.notna().all()
     assert main(["whatif", *command.split()]) == 0
     assert "suggested" in capsys.readouterr().out
+
+
+def test_staleness_is_what_fitting_on_past_traffic_costs_against_hindsight(store):
+    trace = top1_trace([8, 7, 6, 5, 4, 3, 2, 1], [0, 1])
+    trace.update(top1_trace([8, 6, 4, 2, 1, 3, 5, 7], [2, 3]))  # the past map's pairs now add up to 15, 11, 7, 3
+    write_trace(store, "drift", trace, num_experts=8, top_k=1)
+    row = compute_metric(store, "placement", "drift", ep_size=4, policy="eplb", by="window",
+                         fit_steps=(0, 1), steps=(2, 3)).iloc[0]
+    assert row.placement == [[0, 7], [1, 6], [2, 5], [3, 4]]
+    assert row.balancedness == pytest.approx(9 / 15)
+    assert row.balancedness_hindsight == pytest.approx(1.0)
+    assert row.staleness == pytest.approx(1 - 9 / 15)
