@@ -138,6 +138,31 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from moescope.collector import importers as imp
+
+    store = _store(args)
+    if args.format == "sglang-distribution":
+        if args.top_k is None:
+            raise CliError("--top-k is needed for an expert-distribution dump")
+        steps = imp.import_expert_distribution(store, args.run, imp.read_sglang_distribution(args.file),
+                                               top_k=args.top_k, checkpoint=args.checkpoint)
+        print(f"imported {steps} forward passes into run {args.run} (aggregates only; weights unknown)")
+        return 0
+    if args.num_experts is None:
+        raise CliError("--num-experts is needed: the capture holds expert ids, not the model's size")
+    if args.format == "vllm-npz":
+        captures, engine = imp.read_vllm_npz(args.file), "vllm"
+    else:
+        if args.top_k is None:
+            raise CliError("--top-k is needed to split SGLang's flat routed_experts")
+        captures, engine = imp.read_sglang_jsonl(args.file, top_k=args.top_k, num_layers=args.num_layers), "sglang"
+    rows = imp.import_captures(store, args.run, captures, num_experts=args.num_experts, engine=engine,
+                               checkpoint=args.checkpoint)
+    print(f"imported {len(captures)} requests, {rows:,} routing rows into run {args.run} (weights unknown)")
+    return 0
+
+
 def cmd_validate(args) -> int:
     from moescope.analysis.validate import validate_run
 
@@ -327,6 +352,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tensorboard", default=None, metavar="DIR",
                         help="also (or instead) write routing summaries as TensorBoard event files into DIR")
     export.set_defaults(func=cmd_export)
+
+    imp = sub.add_parser("import", parents=[common], help="store a serving engine's routing capture as routing rows of a run")
+    imp.add_argument("run", help="run id (created, or appended to)")
+    imp.add_argument("file", help="the capture file")
+    imp.add_argument("--format", required=True, choices=["vllm-npz", "sglang-jsonl", "sglang-distribution"],
+                     help="vLLM routed_experts arrays (np.savez), SGLang /generate responses (JSON lines), "
+                          "or an SGLang expert-distribution 'stat' dump (.pt)")
+    imp.add_argument("--num-experts", type=int, default=None, help="experts per MoE layer")
+    imp.add_argument("--top-k", type=int, default=None, help="experts per token (SGLang formats)")
+    imp.add_argument("--num-layers", type=int, default=None, help="MoE layers (SGLang responses without token counts)")
+    imp.add_argument("--checkpoint", default="serving", help="checkpoint name for these rows (default: serving)")
+    imp.set_defaults(func=cmd_import)
 
     validate = sub.add_parser("validate", parents=[common], help="check the recorded data's invariants; exit 1 on a violation")
     validate.add_argument("run", help="run id")
