@@ -6,7 +6,7 @@ import time
 
 import pandas as pd
 
-from moescope.analysis import compute_metric
+from moescope.analysis import METRICS, compute_metric
 from moescope.collector.store import Store
 from moescope.dashboard import prometheus
 
@@ -44,6 +44,43 @@ def status(last_write: float | None, closed: bool, now: float) -> str:
     return "closed" if closed else "idle"
 
 
+_COLLAPSE_CACHE: dict[tuple, pd.DataFrame] = {}
+_COLLAPSE_CACHE_SIZE = 64
+
+
+def collapse_table(store: Store, run: str, detail: str = "layers") -> pd.DataFrame | None:
+    """compute_metric("collapse", run, detail=detail), kept until the run writes again: the change-point fit
+    reads every step of the run (seconds at 10M routing rows), and pages ask for it on every refresh.
+    None where the collapse metric is not available."""
+    if "collapse" not in METRICS:
+        return None
+    runs = store.runs().set_index("run")
+    version = (int(runs.at[run, "frames"]), int(runs.at[run, "routing_rows"])) if run in runs.index else None
+    key = (str(store.root), run, detail, version)
+    if key not in _COLLAPSE_CACHE:
+        if len(_COLLAPSE_CACHE) >= _COLLAPSE_CACHE_SIZE:
+            _COLLAPSE_CACHE.pop(next(iter(_COLLAPSE_CACHE)))
+        _COLLAPSE_CACHE[key] = compute_metric(store, "collapse", run=run, detail=detail)
+    return _COLLAPSE_CACHE[key]
+
+
+def collapse_verdict(store: Store, run: str) -> str | None:
+    """The worst collapse verdict over the run's layers and the layers that have it, e.g. "collapsing (layers 3, 5)";
+    None where the collapse metric is not available."""
+    verdicts = collapse_table(store, run)
+    if verdicts is None:
+        return None
+    from moescope.analysis.collapse import VERDICTS  # ordered from healthy to collapsed
+
+    if verdicts.empty:
+        return None
+    worst = max(verdicts["verdict"], key=VERDICTS.index)
+    if worst == "healthy":
+        return worst
+    layers = ", ".join(str(int(x)) for x in verdicts.loc[verdicts["verdict"] == worst, "layer"])
+    return f"{worst} (layer{'s' if ',' in layers else ''} {layers})"
+
+
 def run_health(store: Store, run: str, *, firing: int = 0, now: float | None = None,
                last_write: float | None = None, routing_rows: int = 0) -> dict:
     """One run's health over its last WINDOW_STEPS steps: MaxVio (mean over layers), dead experts
@@ -52,7 +89,7 @@ def run_health(store: Store, run: str, *, firing: int = 0, now: float | None = N
     phase = series_phase(store, run)
     last = last_step(store, run, phase)
     row = {"run": run, "phase": phase or "all", "last_step": last, "window_steps": WINDOW_STEPS, "maxvio": None,
-           "dead_experts": None, "drop_rate": None, "alerts_firing": int(firing), "last_write": _finite(last_write),
+           "dead_experts": None, "drop_rate": None, "collapse": None, "alerts_firing": int(firing), "last_write": _finite(last_write),
            "routing_rows": int(routing_rows)}
     ledger = store.ledger(run)
     row["status"] = status(row["last_write"], bool(len(ledger)) and bool(ledger["closed"].all()), now)
@@ -66,6 +103,7 @@ def run_health(store: Store, run: str, *, firing: int = 0, now: float | None = N
         row["maxvio"] = _finite(maxvio["maxvio_global_mean_layers"].iloc[0])
     if not dead.empty:
         row["dead_experts"] = int(dead["dead"].sum())
+    row["collapse"] = collapse_verdict(store, run)
     if not drops.empty and drops["slots"].sum() > 0:
         row["drop_rate"] = float(drops["dropped"].sum() / drops["slots"].sum())
     return row
@@ -80,5 +118,5 @@ def runs_health(store: Store, now: float | None = None) -> pd.DataFrame:
     rows = [run_health(store, r.run, firing=firing.get(r.run, 0), now=now, last_write=_finite(r.last_write),
                        routing_rows=r.routing_rows) for r in runs.iloc[::-1].itertuples()]
     columns = ["run", "status", "phase", "last_step", "window_steps", "maxvio", "dead_experts", "drop_rate",
-               "alerts_firing", "last_write", "routing_rows"]
+               "collapse", "alerts_firing", "last_write", "routing_rows"]
     return pd.DataFrame(rows, columns=columns)

@@ -113,6 +113,8 @@ class RunHealth(BaseModel):
     maxvio: Optional[float] = Field(None, description="MaxVio of the window, averaged over layers")
     dead_experts: Optional[int] = Field(None, description="experts with no load in the window, summed over layers")
     drop_rate: Optional[float] = Field(None, description="dropped slots / all slots in the window")
+    collapse: Optional[str] = Field(None, description="worst collapse verdict over the layers, with those layers "
+                                                      "(null where collapse detection is not available)")
     alerts_firing: int = Field(description="alert rules firing on this run now")
     last_write: Optional[float] = Field(None, description="newest stored frame (Unix seconds)")
     routing_rows: int = Field(description="routing rows in live segments")

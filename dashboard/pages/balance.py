@@ -47,9 +47,9 @@ def mean_over_layers(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     return df.groupby("step", as_index=False)[metric].mean()
 
 
-def run_series(store, run: str, layer: int | None, steps) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+def run_series(store, run: str, layer: int | None, steps, phase: str | None) -> tuple[dict[str, pd.DataFrame],
+                                                                                      pd.DataFrame]:
     """Per metric, the step series of one run (the layer's, or the mean over layers), and MaxVio of every layer."""
-    phase = summaries.series_phase(store, run)
     maxvio = compute_metric(store, "maxvio", run=run, steps=steps, by="step", phase=phase)
     layers = None if layer is None else [layer]
     out = {}
@@ -95,9 +95,11 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
             notes.append(note)
         per_metric: dict[str, dict[str, pd.DataFrame]] = {m: {} for m in LINE_CHARTS}
         first_maxvio = None
+        phases = {}
         for run in runs:
             ctx.store.require_run(run)
-            series, maxvio = run_series(ctx.store, run, layer_id, steps)
+            phases[run] = summaries.series_phase(ctx.store, run)
+            series, maxvio = run_series(ctx.store, run, layer_id, steps, phases[run])
             first_maxvio = maxvio if first_maxvio is None else first_maxvio
             for metric, df in series.items():
                 per_metric[metric][run] = df
@@ -117,7 +119,7 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
             expert_heat = figures.empty_figure(figures.NO_DATA, "Expert load")
         else:
             util = compute_metric(ctx.store, "utilisation", run=runs[0], layers=[expert_layer], steps=steps, by="step",
-                                  phase=summaries.series_phase(ctx.store, runs[0]))
+                                  phase=phases[runs[0]])
             expert_heat = figures.step_heatmap(
                 util, "utilisation", "expert", title=f"Expert load, layer {expert_layer} — {runs[0]} "
                 f"({'fixed scale' if fixed else 'scale follows the data'})", row_title="expert",

@@ -6,7 +6,7 @@ import dash
 import pandas as pd
 from dash import Input, Output, State, html
 
-from moescope.analysis import METRICS, compute_metric
+from moescope.analysis import compute_metric
 from moescope.dashboard import figures, state, summaries
 from moescope.dashboard.pages import common
 
@@ -47,14 +47,14 @@ def _table(df, columns: list[str], table_id: str) -> html.Table:
 
 def collapse_onsets(store, run: str, layer: int | None) -> tuple[list[int], html.Section | None]:
     """The layer's collapse onset steps and the verdict and evidence tables, when the collapse metric exists."""
-    if "collapse" not in METRICS:
+    verdicts = summaries.collapse_table(store, run)
+    if verdicts is None:
         return [], None
-    verdicts = compute_metric(store, "collapse", run=run)
     if verdicts.empty:
         return [], html.P("no collapse verdict for this scope", className="muted")
     rows = verdicts if layer is None else verdicts[verdicts["layer"] == layer]
     onsets = [int(s) for s in rows["onset_step"] if pd.notna(s)]
-    evidence = compute_metric(store, "collapse", run=run, detail="evidence")
+    evidence = summaries.collapse_table(store, run, detail="evidence")
     return onsets, html.Section(className="panel", children=[
         html.H3("Collapse verdicts per layer (onsets marked on the charts of their layer)"),
         _table(verdicts, ["layer", "verdict", "onset_step", "evidence_experts", "evidence_roles", "summary"],

@@ -12,6 +12,7 @@ from moescope.dashboard.pages import common
 PATH, NAME, PREFIX = "/", "Runs", "runs"
 HEADERS = {"run": "run", "status": "recording", "last_step": "last step", "maxvio": "MaxVio (last 50 steps)",
            "dead_experts": "dead experts", "drop_rate": "drop rate", "alerts_firing": "alerts firing",
+           "collapse": "collapse verdict",
            "last_write": "last write", "routing_rows": "routing rows"}
 
 

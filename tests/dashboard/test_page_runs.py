@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from moescope.analysis import alerts, compute_metric
-from moescope.dashboard import create_app
+from moescope.dashboard import create_app, summaries
 from moescope.settings import Settings
 
 from .browser_support import LiveServer, graph_data, screenshot, severe_console_errors, text_of, wait_for
@@ -30,6 +30,8 @@ def test_runs_page_shows_each_runs_health_and_opens_the_picked_runs_overlaid(rec
             assert status == "recording" and last_step == str(STEPS - 1)
             assert shown_maxvio == f"{maxvio:.3f}" and shown_dead == str(dead) and drop_rate == "0.00%"
             assert firing == ("1" if run == RUN else "0")
+            verdict = summaries.collapse_verdict(recorded_store, run)  # None where collapse detection is absent
+            assert rows[run][7] == (verdict or "—")
 
         # Tick both runs: the links open them overlaid, and the pick is in the URL.
         for label in browser.find_elements("css selector", "#runs-select label"):
