@@ -11,7 +11,7 @@ from moescope.probe.adapters.torchtitan import TorchTitanAdapter
 
 
 class TinyGatedMoE(nn.Module):
-    """A hand-written top-2 softmax MoE whose router is a bare Linear (needs a declaration)."""
+    """A hand-written top-2 softmax MoE whose router is a bare Linear (found by structure, or declared)."""
 
     def __init__(self, dim=16, experts=4, top_k=2):
         super().__init__()
@@ -52,13 +52,21 @@ def hook_all(model, pairs):
     return captures, handles
 
 
+class TinyDenseMoE(TinyGatedMoE):
+    """Every expert on every token, softmax-weighted: no top-k, so nothing routes."""
+
+    def forward(self, x):
+        probs = torch.softmax(self.gate(x).float(), -1)
+        return sum(probs[..., e : e + 1] * expert(x) for e, expert in enumerate(self.experts))
+
+
 def test_discover_without_router_raises_one_line_with_classes_and_spec_hint():
-    model = TinyModel(TinyGatedMoE)
+    model = TinyModel(TinyDenseMoE)
     with pytest.raises(NoRouterFound) as err:
         discover(model)
     message = str(err.value)
     assert "\n" not in message
-    assert message.index("TinyGatedMoE") < message.index("Linear")  # MoE-looking classes first
+    assert message.index("TinyDenseMoE") < message.index("Linear")  # MoE-looking classes first
     assert "spec=RouterSpec(" in message
     assert isinstance(err.value, ValueError)
 
