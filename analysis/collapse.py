@@ -38,6 +38,11 @@ Definition.
    collapsing: an onset, the latest segment not (yet) collapsed. imbalanced: no onset,
    but the latest segment has starved or dominant experts. healthy: none of these.
 
+Long runs. PELT's work grows with the square of the steps, so a layer with more than
+256 recorded steps is first summed into at most 256 buckets of consecutive steps; the
+onset is then placed at full resolution by the best single split (least squares) of the
+evidence experts' log-utilisation within one bucket either side of the coarse onset.
+
 Thresholds only describe states; when things changed is decided by the change-point
 fit, so a slow drift gets the step where it began, not the step a threshold was crossed.
 """
@@ -58,6 +63,7 @@ DETAILS = ("layers", "evidence")
 _MAD_TO_SD = 1.4826
 ONSET_PROGRESS = 0.5
 MOVE_Z = 3.0
+MAX_ROWS = 256  # PELT's work grows with the square of the steps: longer runs are bucketed
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,25 @@ def _fill(x_N: np.ndarray) -> np.ndarray | None:
     return pd.Series(x_N).interpolate(limit_direction="both").to_numpy()
 
 
+class _PrefixSumL2(ruptures.base.BaseCost):
+    """ruptures' "l2" cost (within-segment sum of squares) from prefix sums: O(d) per segment, not O(length·d)."""
+
+    model = "l2-prefix-sum"
+    min_size = 1
+
+    def fit(self, signal: np.ndarray) -> "_PrefixSumL2":
+        x = self.signal = signal.reshape(len(signal), -1).astype(float)
+        self.s1 = np.vstack([np.zeros(x.shape[1]), np.cumsum(x, 0)])
+        self.s2 = np.concatenate([[0.0], np.cumsum((x * x).sum(1))])
+        return self
+
+    def error(self, start: int, end: int) -> float:
+        if end - start < self.min_size:
+            raise ruptures.exceptions.NotEnoughPoints
+        total = self.s1[end] - self.s1[start]
+        return float(self.s2[end] - self.s2[start] - (total @ total) / (end - start))
+
+
 def change_points(series: LayerSeries, settings: Settings) -> list[int]:
     """Row indices where a new segment starts (PELT, l2 cost, BIC penalty; module docstring point 2)."""
     n, e = series.load_NE.shape
@@ -171,7 +196,7 @@ def change_points(series: LayerSeries, settings: Settings) -> list[int]:
         return []
     pen = settings.penalty * (signal.shape[1] + 1) * math.log(n)
     try:
-        ends = ruptures.Pelt(model="l2", min_size=settings.min_segment, jump=1).fit(signal).predict(pen=pen)
+        ends = ruptures.Pelt(custom_cost=_PrefixSumL2(), min_size=settings.min_segment, jump=1).fit(signal).predict(pen=pen)
     except ruptures.exceptions.BadSegmentationParameters:
         return []
     return [int(b) for b in ends[:-1]]
@@ -234,9 +259,54 @@ def _moved_at(series: LayerSeries, before: Segment, after: Segment, evidence: li
     return False
 
 
+def _bucketed(series: LayerSeries, width: int) -> LayerSeries:
+    """Consecutive steps summed (load) or averaged (entropy, margin) into buckets of `width` rows."""
+    idx_N = np.arange(series.steps_N.size) // width
+    load_BE = np.zeros((idx_N[-1] + 1, series.load_NE.shape[1]))
+    np.add.at(load_BE, idx_N, series.load_NE)
+
+    def mean(x_N):
+        return pd.Series(x_N).groupby(idx_N).mean().to_numpy(dtype=float)
+    return LayerSeries(series.layer, series.k, series.steps_N[::width], load_BE, mean(series.entropy_N),
+                       mean(series.margin_N))
+
+
+def _refine(series: LayerSeries, v: LayerVerdict, width: int) -> LayerVerdict:
+    """Back to full rows: segment bounds scaled, the onset placed by the best single split of the evidence
+    experts' log-utilisation within a bucket either side of the coarse onset."""
+    n = series.steps_N.size
+    for seg in {id(x): x for x in (*v.segments, v.baseline, v.after) if x is not None}.values():
+        seg.lo, seg.hi = min(seg.lo * width, n), min(seg.hi * width, n)
+    if v.onset_index is None:
+        return v
+    coarse = v.onset_index * width
+    if v.baseline is None or not v.evidence:
+        v.onset_index = coarse
+        return v
+    lo, hi = max(0, coarse - width), min(n, coarse + width)
+    experts = [ev.expert for ev in v.evidence]
+    total_N = series.load_NE[lo:hi].sum(1, keepdims=True)
+    x_NE = np.log((series.load_NE[lo:hi, experts] + 0.5) / (total_N / series.load_NE.shape[1] + 0.5))
+    c1 = np.vstack([np.zeros(len(experts)), np.cumsum(x_NE, 0)])
+    c2 = np.concatenate([[0.0], np.cumsum((x_NE ** 2).sum(1))])
+    m = hi - lo
+    t = np.arange(1, m)
+    sse = (c2[t] - (c1[t] ** 2).sum(1) / t) + (c2[m] - c2[t] - ((c1[m] - c1[t]) ** 2).sum(1) / (m - t))
+    v.onset_index = lo + int(t[np.argmin(sse)]) if t.size else coarse
+    return v
+
+
 def judge(series: LayerSeries, settings: Settings | None = None) -> LayerVerdict:
     """Verdict, onset and evidence of one layer (module docstring points 3–5)."""
     settings = settings or Settings()
+    n = series.load_NE.shape[0]
+    if n > MAX_ROWS:
+        width = math.ceil(n / MAX_ROWS)
+        return _refine(series, _judge(_bucketed(series, width), settings), width)
+    return _judge(series, settings)
+
+
+def _judge(series: LayerSeries, settings: Settings) -> LayerVerdict:
     n = series.load_NE.shape[0]
     bounds = [0, *change_points(series, settings), n]
     segments = [_segment(series, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
@@ -405,7 +475,7 @@ def collapse(store, scope: Scope, meta: pd.DataFrame, detail: str = "layers", st
     METRICS.md §5; dominant u_i ≥ 2, i.e. MaxVio ≥ 1). Training rows only when the run has
     them (phase="..." picks another).
     by="window", detail="layers" (default): one row per layer: layer, E, k, verdict,
-      onset_step (None unless collapsing/collapsed), first_step, last_step, steps,
+      onset_step (<NA> unless collapsing/collapsed), first_step, last_step, steps,
       change_points (steps that start a new segment), evidence_experts, evidence_roles
       ("starved" / "took_over"), starved_now, dominant_now, max_utilisation_now,
       divergence_before / divergence_now (KL of load from uniform, nats), entropy_before /
@@ -429,4 +499,5 @@ def collapse(store, scope: Scope, meta: pd.DataFrame, detail: str = "layers", st
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=STEP_COLUMNS)
     if detail == "evidence":
         return pd.DataFrame([r for s, v in results for r in _evidence_rows(s, v, settings)], columns=EVIDENCE_COLUMNS)
-    return pd.DataFrame([_layer_row(s, v) for s, v in results], columns=LAYER_COLUMNS)
+    df = pd.DataFrame([_layer_row(s, v) for s, v in results], columns=LAYER_COLUMNS)
+    return df.astype({"onset_step": "Int64"})  # <NA> where there is no onset

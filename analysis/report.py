@@ -90,7 +90,7 @@ def _phases(store, run: str) -> list[str]:
 def _onset_lines(fig: go.Figure, f: _Findings, layer: int | None = None) -> None:
     rows = f.layers if layer is None else f.layers[f.layers.layer == layer]
     for r in rows.itertuples():
-        if r.onset_step is not None and not (isinstance(r.onset_step, float) and math.isnan(r.onset_step)):
+        if not pd.isna(r.onset_step):
             fig.add_vline(x=int(r.onset_step), line={"color": "#d62728", "dash": "dash"},
                           annotation_text=f"onset L{r.layer}" if layer is None else "onset")
     if f.around is not None:

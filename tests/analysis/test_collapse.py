@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -97,7 +98,7 @@ def test_planted_takeover_in_the_reference_model_is_found_at_its_layer_and_step(
 def test_healthy_reference_run_gets_no_collapse_verdict(reference_runs):
     verdicts = collapse_verdicts(reference_runs, "healthy")
     assert {v.verdict for v in verdicts.values()} <= {"healthy", "imbalanced"}
-    assert all(v.onset_step is None or np.isnan(v.onset_step) for v in verdicts.values())
+    assert all(pd.isna(v.onset_step) for v in verdicts.values())
 
 
 def test_evidence_rows_carry_the_share_trajectory_around_the_onset(reference_runs):
@@ -204,3 +205,11 @@ def test_bad_collapse_options_are_one_line_value_errors(synth, kw, msg):
 def test_settings_reject_non_numbers():
     with pytest.raises(ValueError, match="penalty must be a positive number"):
         Settings(penalty="high")
+
+
+def test_long_run_is_bucketed_and_the_onset_placed_at_full_resolution():
+    util_NE = np.ones((1200, 8))
+    util_NE[703:, 2] = 7.0  # share 7/14: expert 2 in every token's top-2 from row 703
+    v = judge(series(util_NE))
+    assert v.verdict == "collapsed" and v.onset_index == 703
+    assert v.segments[-1].hi == 1200 and [e.expert for e in v.evidence if e.role == "took_over"] == [2]
