@@ -53,6 +53,19 @@ class _Flush:
     final: bool = False
 
 
+class CudaGraphCaptureError(RuntimeError):
+    """A probed forward ran inside CUDA graph capture, where hooks would never run on replay."""
+
+
+CUDA_GRAPH_MESSAGE = ("moescope probe: forward hooks do not run when a CUDA graph replays, so nothing would be "
+                      "recorded; capture the graph from the unprobed model (probe.detach() first) and record with "
+                      "eager forwards, e.g. a probe-set replay")
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class Probe:
     """A live attachment. Use through `attach(...)`; see its docstring."""
 
@@ -70,6 +83,8 @@ class Probe:
             raise ValueError(f"sample_rate must be between 0 and 1, got {sample_rate!r}")
         if int(max_host_bytes) <= 0:
             raise ValueError(f"max_host_bytes must be positive, got {max_host_bytes!r}")
+        if _capturing():
+            raise CudaGraphCaptureError(CUDA_GRAPH_MESSAGE)
         if sites is None:
             from moescope.probe.adapters import discover
 
@@ -79,6 +94,7 @@ class Probe:
         if not sites:
             raise ValueError("attach() got an empty list of router sites")
         self.model = model
+        self._cuda = torch.cuda.is_available()
         self.rank = detect_rank() if rank is None else int(rank)
         self.producer = producer or default_producer(self.rank)
         self.sample_rate = float(sample_rate)
@@ -263,6 +279,8 @@ class Probe:
 
         @torch.compiler.disable
         def hook(module, args, kwargs, output):
+            if self._cuda and torch.cuda.is_current_stream_capturing():
+                raise CudaGraphCaptureError(CUDA_GRAPH_MESSAGE)  # the one error the probe raises into forward
             t0 = time.perf_counter_ns()
             try:
                 fwd = self._fwd

@@ -190,3 +190,26 @@ def test_watch_keeps_layers_globs_or_predicate_and_rejects_a_filter_matching_not
     with attach(model, sink="memory", run="watched", watch=[0, 2]) as probe, torch.no_grad():
         model(ids)
     assert sorted(set(probe.tables()["routing"].column("layer").to_pylist())) == [0, 2]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_capture_of_a_probed_model_is_refused_with_one_line():
+    from moescope.probe.attach import CudaGraphCaptureError
+
+    torch.manual_seed(0)
+    model = FusedLM().cuda().eval()
+    ids = tokens().cuda()
+    with attach(model, sink="memory", run="graphs") as probe, torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            model(ids)  # warm-up, recorded eagerly
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with pytest.raises(CudaGraphCaptureError) as err:
+            with torch.cuda.graph(graph):
+                model(ids)
+    message = str(err.value)
+    assert "\n" not in message and "CUDA graph" in message and "detach()" in message
+    assert sorted(set(probe.tables()["routing"].column("layer").to_pylist())) == [0, 1]
