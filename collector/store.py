@@ -434,7 +434,7 @@ class Store(AlertRecords):
         return self._query(lambda con: con.execute(query, params or []).df(), run)
 
     def arrow(self, query: str, params: Sequence[Any] | dict | None = None, *, run: str | None = None) -> pa.Table:
-        return self._query(lambda con: con.execute(query, params or []).fetch_arrow_table(), run)
+        return self._query(lambda con: con.sql(query, params=params or None).to_arrow_table(), run)
 
     # ---------------------------------------------------------------- integrity
     def verify_segments(self, run: str | None = None, *, paths: list[str] | None = None) -> list[dict]:

@@ -133,3 +133,11 @@ def test_retention_deletes_runs_older_than_the_cutoff_and_nothing_else(store):
     assert store.sql("SELECT count(*) AS n FROM routing").n[0] == 50
     with pytest.raises(UnknownRun):
         store.ledger("old")
+
+
+def test_arrow_answers_a_query_as_an_arrow_table(store):
+    from ingest_helpers import make_frame
+
+    assert store.write_frame(make_frame("arrow", "pa", 0, n=12))
+    table = store.arrow("SELECT expert, count(*) AS n FROM routing WHERE layer >= ? GROUP BY expert", [0], run="arrow")
+    assert isinstance(table, pa.Table) and sum(table.column("n").to_pylist()) == 12
