@@ -15,9 +15,11 @@ vLLM (main, late 2025: `CompletionOutput.routed_experts`) and SGLang (v0.5.x:
   /generate response carries `meta_info["routed_experts"]`, base64 of the flat array in
   (position, layer, slot) order, int32 unless `meta_info["routed_experts_dtype"]` says
   otherwise. `read_sglang_jsonl` reads responses saved one JSON object per line.
-- SGLang's expert-distribution recorder in "stat" mode (`/dump_expert_distribution_record`):
-  a torch file holding `logical_count`, counts per (forward pass, layer, logical expert).
-  It has no per-token rows: `import_expert_distribution` stores it as per-step aggregates.
+- SGLang's expert-distribution recorder (`/dump_expert_distribution_record`): in "stat"
+  mode a torch file holding `logical_count`, counts per (forward pass, layer, logical
+  expert), with no per-token rows (`import_expert_distribution` stores per-step aggregates);
+  in "per_token" mode per-pass records of token ids, positions and physical top-k ids
+  (`read_sglang_per_token`, one step per forward pass).
 
 Routing weights are not part of any of these: routing rows get weight NaN, the per-step
 aggregates NaN router-probability and weight sums, and the run's config records
@@ -56,6 +58,9 @@ class Capture:
     expert_ids_TLK: np.ndarray
     token_ids: list[int] | None = None   # the token at each routed position
     prompt_len: int | None = None        # positions before it are prefill, the rest decode
+    seq_T: np.ndarray | None = None      # sequence of each position in a batch capture (default 0)
+    pos_T: np.ndarray | None = None      # position within its sequence (default 0..T-1)
+    phase: str | None = None             # one phase for every position, when prompt_len does not say
 
 
 def _capture(expert_ids, token_ids=None, prompt_len=None, where: str = "capture") -> Capture:
@@ -155,16 +160,51 @@ def read_sglang_jsonl(path: str | Path, *, top_k: int, num_layers: int | None = 
             for i, r in enumerate(responses)]
 
 
-def read_sglang_distribution(path: str | Path) -> np.ndarray:
-    """logical_count (forward passes, layers, logical experts) of a "stat"-mode recorder dump."""
+def _load_dump(path: str | Path):
     import pickle
 
     import torch
 
     try:
-        dump = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code from a file
+        return torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code from a file
     except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
         raise ImportFormatError(f"{path}: not a torch file of SGLang's expert-distribution recorder ({exc})") from None
+
+
+def read_sglang_per_token(path: str | Path) -> list[Capture]:
+    """A "per_token"-mode recorder dump: one Capture per forward pass, physical expert ids mapped to logical ones.
+
+    Each record holds the pass's input_ids, positions, extend_seq_lens (the sequences of a
+    prefill pass; None in decode, where each token is its own sequence) and
+    topk_ids_of_layer (layers, tokens, slots) padded with -1.
+    """
+    dump = _load_dump(path)
+    if not isinstance(dump, dict) or not isinstance(dump.get("records"), list):
+        raise ImportFormatError(f"{path}: no records (a 'per_token'-mode dump holds them)")
+    to_logical_LP = np.asarray(dump["last_physical_to_logical_map"]) if dump.get("last_physical_to_logical_map") is not None else None
+    out = []
+    for i, rec in enumerate(sorted(dump["records"], key=lambda r: r.get("forward_pass_id", 0))):
+        try:
+            phys_LTK = np.asarray(rec["topk_ids_of_layer"]).astype(np.int64)
+            input_ids, positions = list(rec["input_ids"]), np.asarray(rec["positions"], np.int64)
+        except (KeyError, TypeError) as exc:
+            raise ImportFormatError(f"{path}: record {i} lacks {exc}") from None
+        ids_LTK = phys_LTK.copy()
+        if to_logical_LP is not None:
+            valid = phys_LTK >= 0
+            layer_idx = np.broadcast_to(np.arange(phys_LTK.shape[0])[:, None, None], phys_LTK.shape)
+            ids_LTK[valid] = to_logical_LP[layer_idx[valid], phys_LTK[valid]]
+        width = int((ids_LTK >= 0).any(axis=(0, 1)).sum()) or 1  # the recorder pads slots past top_k with -1
+        lens = rec.get("extend_seq_lens")
+        seq_T = np.repeat(np.arange(len(lens)), lens) if lens else np.arange(len(input_ids))
+        out.append(Capture(np.ascontiguousarray(ids_LTK[..., :width].transpose(1, 0, 2)), input_ids, None,
+                           seq_T, positions, "prefill" if lens else "decode"))
+    return out
+
+
+def read_sglang_distribution(path: str | Path) -> np.ndarray:
+    """logical_count (forward passes, layers, logical experts) of a "stat"-mode recorder dump."""
+    dump = _load_dump(path)
     if not isinstance(dump, dict) or "logical_count" not in dump:
         found = sorted(dump) if isinstance(dump, dict) else type(dump).__name__
         raise ImportFormatError(f"{path}: no logical_count (a 'stat'-mode dump holds it; found {found})")
@@ -239,8 +279,9 @@ def import_captures(store: Store, run: str, captures: list[Capture], *, num_expe
 def _request_tables(run: str, checkpoint: str, step: int, cap: Capture, num_experts: int) -> tuple[pa.Table, pa.Table]:
     ids_TLK = cap.expert_ids_TLK
     T, L, K = ids_TLK.shape
-    pos_T = np.arange(T)
-    phase_T = np.where(pos_T < cap.prompt_len, "prefill", "decode") if cap.prompt_len is not None else np.full(T, None)
+    pos_T = np.arange(T) if cap.pos_T is None else np.asarray(cap.pos_T)
+    seq_T = np.zeros(T, np.int32) if cap.seq_T is None else np.asarray(cap.seq_T)
+    phase_T = np.where(pos_T < cap.prompt_len, "prefill", "decode") if cap.prompt_len is not None else np.full(T, cap.phase)
     tokens_T = np.full(T, -1, dtype=np.int64)
     if cap.token_ids:
         n = min(T, len(cap.token_ids))
@@ -250,8 +291,8 @@ def _request_tables(run: str, checkpoint: str, step: int, cap: Capture, num_expe
     routing = pa.table({
         "run": pa.array([run] * n, pa.string()), "checkpoint": pa.array([checkpoint] * n, pa.string()),
         "step": pa.array(np.full(n, step), pa.int64()), "rank": pa.array(np.zeros(n, np.int32)),
-        "microbatch": pa.array(np.zeros(n, np.int32)), "seq": pa.array(np.zeros(n, np.int32)),
-        "pos": pa.array(t_idx.astype(np.int32)), "token_id": pa.array(tokens_T[t_idx].astype(np.int32)),
+        "microbatch": pa.array(np.zeros(n, np.int32)), "seq": pa.array(seq_T[t_idx].astype(np.int32)),
+        "pos": pa.array(pos_T[t_idx].astype(np.int32)), "token_id": pa.array(tokens_T[t_idx].astype(np.int32)),
         "layer": pa.array(l_idx.astype(np.int16)), "slot": pa.array(k_idx.astype(np.int8)),
         "expert": pa.array(ids_TLK[t_idx, l_idx, k_idx].astype(np.int16)),
         "weight": pa.array(np.full(n, np.nan, np.float32)),  # engines do not return gate weights

@@ -153,6 +153,8 @@ def cmd_import(args) -> int:
         raise CliError("--num-experts is needed: the capture holds expert ids, not the model's size")
     if args.format == "vllm-npz":
         captures, engine = imp.read_vllm_npz(args.file), "vllm"
+    elif args.format == "sglang-per-token":
+        captures, engine = imp.read_sglang_per_token(args.file), "sglang"
     else:
         if args.top_k is None:
             raise CliError("--top-k is needed to split SGLang's flat routed_experts")
@@ -356,9 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import", parents=[common], help="store a serving engine's routing capture as routing rows of a run")
     imp.add_argument("run", help="run id (created, or appended to)")
     imp.add_argument("file", help="the capture file")
-    imp.add_argument("--format", required=True, choices=["vllm-npz", "sglang-jsonl", "sglang-distribution"],
+    imp.add_argument("--format", required=True,
+                     choices=["vllm-npz", "sglang-jsonl", "sglang-distribution", "sglang-per-token"],
                      help="vLLM routed_experts arrays (np.savez), SGLang /generate responses (JSON lines), "
-                          "or an SGLang expert-distribution 'stat' dump (.pt)")
+                          "or an SGLang expert-distribution dump (.pt) in 'stat' or 'per_token' mode")
     imp.add_argument("--num-experts", type=int, default=None, help="experts per MoE layer")
     imp.add_argument("--top-k", type=int, default=None, help="experts per token (SGLang formats)")
     imp.add_argument("--num-layers", type=int, default=None, help="MoE layers (SGLang responses without token counts)")

@@ -166,3 +166,35 @@ def test_malformed_captures_are_clear_errors():
         importers.vllm_captures([SimpleNamespace(prompt_token_ids=[1], outputs=[SimpleNamespace(token_ids=[2])])])
     with pytest.raises(importers.ImportFormatError, match="return_routed_experts"):
         importers.sglang_capture({"meta_info": {}}, top_k=2)
+
+
+def test_sglang_per_token_dump_maps_physical_to_logical_experts(tmp_path):
+    rng = np.random.default_rng(3)
+    physical = EXPERTS + 2  # two redundant physical copies, of logical experts 1 and 6
+    to_logical_LP = np.tile(np.concatenate([np.arange(EXPERTS), [1, 6]]), (LAYERS, 1))
+    records, logical = [], []
+    for pass_id, lens in enumerate(([5, 3], None, None)):  # a prefill pass of two sequences, then two decode passes
+        tokens = sum(lens) if lens else 2
+        ids_TLK = _routed(rng, tokens, favourite=6)
+        logical.append(ids_TLK)
+        phys_TLK = ids_TLK.copy()
+        phys_TLK[(phys_TLK == 6) & (rng.random(phys_TLK.shape) < 0.5)] = EXPERTS + 1  # half of expert 6 on its copy
+        topk_LT8 = np.full((LAYERS, tokens, 8), -1, dtype=np.int32)  # the recorder pads slots to 8 with -1
+        topk_LT8[:, :, :K] = phys_TLK.transpose(1, 0, 2)
+        records.append({"forward_pass_id": pass_id, "rank": 0, "gatherer_key": "primary",
+                        "input_ids": rng.integers(0, 1000, tokens).tolist(),
+                        "positions": (np.concatenate([np.arange(n) for n in lens]) if lens else np.array([9, 4])).tolist(),
+                        "extend_seq_lens": lens, "forward_mode": 1 if lens else 2,
+                        "topk_ids_of_layer": torch.from_numpy(topk_LT8), "misc_objects": [],
+                        "global_physical_count": torch.zeros((LAYERS, physical), dtype=torch.int64)})
+    torch.save({"records": records, "last_physical_to_logical_map": torch.from_numpy(to_logical_LP)},
+               tmp_path / "expert_distribution_recorder_1_0.pt")
+    root = str(tmp_path / "store")
+    assert main(["import", "pt", str(tmp_path / "expert_distribution_recorder_1_0.pt"), "--format", "sglang-per-token",
+                 "--num-experts", str(EXPERTS), "--store", root]) == 0
+    store = Store(root, create=False)
+    got = store.metric("load_share", "pt", by="window").pivot(index="layer", columns="expert", values="share")
+    assert got.to_numpy() == pytest.approx(_share(logical))
+    seqs = store.sql("SELECT step, phase, count(DISTINCT seq) AS n FROM routing GROUP BY ALL ORDER BY step", run="pt")
+    assert list(zip(seqs.step, seqs.phase, seqs.n)) == [(0, "prefill", 2), (1, "decode", 2), (2, "decode", 2)]
+    store.close()
