@@ -31,6 +31,7 @@ PAGES = {
     "Router health (layer 0)": ("health-entropy.figure", {"health-runs.value": RUN, "health-layer.value": 0}),
     "Specialisation (layer 0)": ("spec-domain.figure", {"spec-runs.value": RUN, "spec-layer.value": 0,
                                                         "spec-min-count.value": 10}),
+    "Specialisation co-activation (l. 0)": ("spec-coactivation.figure", {"spec-runs.value": RUN, "spec-layer.value": 0}),
     "Specialisation repetition (layer 0)": ("spec-repetition.figure", {"spec-runs.value": RUN, "spec-layer.value": 0}),
     "Capacity what-if": ("cap-curve.figure", {"cap-runs.value": RUN}),
     "Alerts": ("alerts-rules.children", {"alerts-runs.value": RUN, "alerts-changed.data": 0}),

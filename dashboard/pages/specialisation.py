@@ -54,6 +54,10 @@ def top_tokens(vocab: pd.DataFrame, experts: int, as_bytes: bool) -> pd.DataFram
     return pd.DataFrame(rows, columns=["expert", "tokens"])
 
 
+def where(layer: int, checkpoint: str | None) -> str:
+    return f"layer {layer}" + (f", checkpoint {checkpoint}" if checkpoint else "")
+
+
 def register(app: dash.Dash, ctx: common.Context) -> None:
     common.register_run_options(app, ctx, PREFIX)
     common.register_checkpoint_options(app, ctx, PREFIX)
@@ -63,30 +67,49 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
 
     def empty(msg, problems=None):
         fig = figures.empty_figure(msg)
-        return fig, html.P(msg, className="muted"), fig, common.message(problems, msg)
+        return fig, html.P(msg, className="muted"), common.message(problems, msg)
 
-    @app.callback(Output("spec-repetition", "figure"),
-                  Input("spec-runs", "value"), Input("spec-checkpoint", "value"), Input("spec-layer", "value"),
-                  Input("spec-step-min", "value"), Input("spec-step-max", "value"))
-    @common.guarded(figures.empty_figure)
-    def update_repetition(run, checkpoint, layer, step_min, step_max):
-        # Its own callback: the adjacent-token window query is the slowest here, the rest need not wait.
-        if not run:
-            return figures.empty_figure("pick a run")
-        steps, layer_id, _, _ = common.resolve(ctx.store, run, layer, step_min, step_max)
-        if layer_id is None:
-            return figures.empty_figure(figures.NO_DATA)
-        rep = compute_metric(ctx.store, "repetition", run=run, layers=[layer_id], steps=steps,
-                             checkpoint=checkpoint or None, by="window")
+    scope_inputs = [Input("spec-runs", "value"), Input("spec-checkpoint", "value"), Input("spec-layer", "value"),
+                    Input("spec-step-min", "value"), Input("spec-step-max", "value")]
+
+    def panel(output_id: str, draw) -> None:
+        """A chart with its own callback: the slow per-token queries run side by side, none waits for another."""
+        @app.callback(Output(output_id, "figure"), *scope_inputs)
+        @common.guarded(figures.empty_figure)
+        def update_panel(run, checkpoint, layer, step_min, step_max):
+            if not run:
+                return figures.empty_figure("pick a run")
+            steps, layer_id, meta, _ = common.resolve(ctx.store, run, layer, step_min, step_max)
+            if layer_id is None:
+                return figures.empty_figure(figures.NO_DATA)
+            return draw(run, checkpoint or None, layer_id, steps, meta)
+
+    def repetition_figure(run, checkpoint, layer_id, steps, meta):
+        rep = compute_metric(ctx.store, "repetition", run=run, layers=[layer_id], steps=steps, checkpoint=checkpoint,
+                             by="window")
         return figures.grouped_bars(
             rep, "layer", {"top1_repeat": "top-1 repeated", "topk_overlap": "top-k overlap"},
             baselines={"top1_baseline": "random: 1/E", "topk_baseline": "random: 1 − C(E−k,k)/C(E,k)"},
-            title=f"Adjacent tokens sharing experts — layer {layer_id}" + (f", checkpoint {checkpoint}" if checkpoint else ""),
-            x_title="layer",
+            title=f"Adjacent tokens sharing experts — {where(layer_id, checkpoint)}", x_title="layer",
             y_title="share of adjacent pairs")
 
+    def coactivation_figure(run, checkpoint, layer_id, steps, meta):
+        E = int(meta.loc[meta["layer"] == layer_id, "E"].iloc[0])
+        co = compute_metric(ctx.store, "coactivation", run=run, layers=[layer_id], steps=steps, checkpoint=checkpoint,
+                            by="window")
+        if co.empty:
+            return figures.empty_figure(figures.NO_DATA, "Co-activation")
+        grid = (co.pivot_table(index="expert_i", columns="expert_j", values="coactivation", aggfunc="sum")
+                .reindex(index=range(E), columns=range(E)))
+        return figures.matrix_heatmap(grid, title=f"Co-activation — {where(layer_id, checkpoint)}: P(j chosen | i chosen)",
+                                      x_title="expert j", y_title="expert i", colour_title="P(j | i)",
+                                      zrange=(0.0, 1.0), uirevision=f"{run}|{layer_id}")
+
+    panel("spec-repetition", repetition_figure)
+    panel("spec-coactivation", coactivation_figure)
+
     @app.callback(Output("spec-domain", "figure"), Output("spec-top-tokens", "children"),
-                  Output("spec-coactivation", "figure"), Output("spec-message", "children"),
+                  Output("spec-message", "children"),
                   Input("spec-runs", "value"), Input("spec-checkpoint", "value"), Input("spec-layer", "value"),
                   Input("spec-step-min", "value"), Input("spec-step-max", "value"), Input("spec-min-count", "value"),
                   State("spec-problems", "data"))
@@ -99,7 +122,7 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
             return empty(figures.NO_DATA, problems)
         E, k = (int(v) for v in meta.loc[meta["layer"] == layer_id, ["E", "k"]].iloc[0])
         scope = dict(run=run, layers=[layer_id], steps=steps, checkpoint=checkpoint or None, by="window")
-        where = f"layer {layer_id}" + (f", checkpoint {checkpoint}" if checkpoint else "")
+        here = where(layer_id, checkpoint)
 
         spec = compute_metric(ctx.store, "domain_specialisation", **scope)
         if spec.empty:
@@ -109,7 +132,7 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
             tokens = spec.groupby("domain")["tokens"].max().reindex(grid.index)
             hover = np.array([[f"share {s:.3f} of {int(n)} tokens" for s in row]
                               for row, n in zip(grid.to_numpy(), tokens)])
-            domain = figures.matrix_heatmap(grid / (k / E), title=f"Domain specialisation — {where} "
+            domain = figures.matrix_heatmap(grid / (k / E), title=f"Domain specialisation — {here} "
                                             f"(share ÷ uniform k/E = {k / E:.3f})", x_title="expert",
                                             y_title="domain", colour_title="× uniform", colorscale="RdBu_r", zmid=1.0,
                                             uirevision=f"{run}|{layer_id}", hover_extra=hover)
@@ -127,14 +150,4 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
                 html.Tbody([html.Tr([html.Td(r.expert), html.Td(r.tokens, className="tokens")])
                             for r in table.itertuples()])], id="spec-top-tokens-table", className="table")
 
-        co = compute_metric(ctx.store, "coactivation", **scope)
-        if co.empty:
-            coact = figures.empty_figure(figures.NO_DATA, "Co-activation")
-        else:
-            grid = (co.pivot_table(index="expert_i", columns="expert_j", values="coactivation", aggfunc="sum")
-                    .reindex(index=range(E), columns=range(E)))
-            coact = figures.matrix_heatmap(grid, title=f"Co-activation — {where}: P(j chosen | i chosen)",
-                                           x_title="expert j", y_title="expert i", colour_title="P(j | i)",
-                                           zrange=(0.0, 1.0), uirevision=f"{run}|{layer_id}")
-
-        return domain, tops, coact, common.message(problems, *notes)
+        return domain, tops, common.message(problems, *notes)
