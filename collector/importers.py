@@ -1,9 +1,11 @@
 """Serving engines' own routing captures into the store, as routing rows of a run.
 
 Engines that run MoE layers inside CUDA graphs (where forward hooks do not fire) can
-return the experts they routed to themselves; these formats were checked against
-vLLM (main, late 2025: `CompletionOutput.routed_experts`) and SGLang (v0.5.x:
-`meta_info["routed_experts"]` and the expert-distribution recorder):
+return the experts they routed to themselves. The formats are those of the engines'
+main-branch sources (no release pinned): vLLM's `CompletionOutput.routed_experts`
+(vllm/outputs.py), SGLang's `meta_info["routed_experts"]` (its routed-experts capturer's
+`extract_routed_experts_from_meta_info`) and its expert-distribution recorder
+(python/sglang/srt/eplb/expert_distribution.py at 02295fe):
 
 - vLLM, `enable_return_routed_experts=True`: each `CompletionOutput.routed_experts` is an
   int array (positions, MoE layers, top-k) over the request's prompt and generated tokens
