@@ -200,26 +200,6 @@ class RoutingLogger:
         return StepSummary(step, layers, maxvio_L, drop_L, mean_L, entropy, image)
 
 
-class _TeeSink:
-    """The probe's own sink, with every frame also shown to the logger (after the sink took it)."""
-
-    def __init__(self, inner, logger: RoutingLogger):
-        self.inner, self.logger = inner, logger
-
-    def send(self, frame) -> None:
-        self.inner.send(frame)
-        self.logger.on_frame(frame)
-
-    def flush(self, timeout: float | None = None) -> None:
-        self.inner.flush(timeout)
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def __getattr__(self, name):  # e.g. MemorySink.tables(), RedisSink.rejected
-        return getattr(self.inner, name)
-
-
 def log_to(probe, writer, *, image_every: int = IMAGE_EVERY, prefix: str = PREFIX) -> RoutingLogger:
     """Log `probe`'s routing summaries into `writer` (a TensorBoard SummaryWriter or a wandb run) as frames arrive.
 
@@ -228,7 +208,13 @@ def log_to(probe, writer, *, image_every: int = IMAGE_EVERY, prefix: str = PREFI
     """
     logger = RoutingLogger(writer, image_every=image_every, prefix=prefix)
     logger._probe = probe
-    probe.sink = _TeeSink(probe.sink, logger)
+    sink, send = probe.sink, probe.sink.send
+
+    def send_and_log(frame) -> None:  # the sink keeps its own type (probe.tables() needs a MemorySink)
+        send(frame)
+        logger.on_frame(frame)
+
+    sink.send = send_and_log
     return logger
 
 

@@ -170,6 +170,21 @@ def test_heatmap_scale_is_fixed_from_zero_to_twice_uniform():
     assert len({tuple(img[8, 8 * e]) for e in range(4)}) == 1
 
 
+def test_the_probe_sink_keeps_working_with_a_logger(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    model = _tiny_model()
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    with attach(model, sink="memory", run="m") as probe:
+        logger = log_to(probe, writer)
+        ids = torch.randint(0, 64, (2, 16))
+        model(ids, attention_mask=torch.ones_like(ids))
+        tables = probe.tables()  # still the memory sink's tables
+        logger.flush()
+    writer.close()
+    assert tables["routing"].num_rows == 2 * 16 * LAYERS * 2 and logger.logged_steps == [0]
+
+
 def test_an_unknown_writer_is_a_clear_error(tmp_path):
     model = _tiny_model()
     with attach(model, sink="memory", run="w") as probe:
