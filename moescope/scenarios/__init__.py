@@ -33,12 +33,12 @@ class Scenario:
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("capacity", "capacity", 60, "tokens dropped vs capacity factor, top-2 and top-1, with and without the aux loss"),
-    Scenario("mismatch", "mismatch", 60, "the same tokens routed twice: fp32 vs bf16, torch vs Triton"),
-    Scenario("collapse", "collapse", 60, "no balancing, and a planted router fault: collapse detection and alerts"),
-    Scenario("balanced", "collapse:run_balanced", 60, "the healthy twin of collapse: Switch loss, nothing planted"),
-    Scenario("loss-free", "loss_free", 120, "loss-free bias balancing vs the aux loss: MaxVio and validation loss"),
-    Scenario("drift", "drift", 120, "checkpoints replayed on a probe set: router saturation and last-fluctuation CDF"),
-    Scenario("specialisation", "specialisation", 120, "domain specialisation of the trained experts against k/E"),
+    Scenario("mismatch", "mismatch", 30, "the same tokens routed twice: fp32 vs bf16, torch vs Triton"),
+    Scenario("collapse", "collapse", 40, "no balancing, and a planted router fault: collapse detection and alerts"),
+    Scenario("balanced", "collapse:run_balanced", 40, "the healthy twin of collapse: Switch loss, nothing planted"),
+    Scenario("loss-free", "loss_free", 60, "loss-free bias balancing vs the aux loss: MaxVio and validation loss"),
+    Scenario("drift", "drift", 40, "checkpoints replayed on a probe set: router saturation and last-fluctuation CDF"),
+    Scenario("specialisation", "specialisation", 40, "domain specialisation of the trained experts against k/E"),
 ]}
 
 

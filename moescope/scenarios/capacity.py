@@ -21,6 +21,8 @@ FACTORS = (0.75, 1.25, 2.0, 4.0)
 AUX_COEF = 1e-2
 ROUTERS = {"top2": MoEConfig(num_experts=8, top_k=2, score="softmax"), "top1": MoEConfig.switch(num_experts=8)}
 PAPER_TOP2 = {"with aux loss": (10.6, 0.3, 0.0, 0.0), "without": (15.6, 2.9, 0.4, 0.0)}
+# Longer sequences and batches than the other scenarios: more tokens per step queue for each expert.
+SIZE = {"seq_len": 64, "batch_size": 16}
 POSITION_BUCKETS = 4
 POSITION_FACTOR = 1.25
 
@@ -44,7 +46,7 @@ def run(ctx: Context, *, routers=tuple(ROUTERS), factors=FACTORS, setup: Setup |
             row = {"router": router, "aux loss": "with" if aux else "without"}
             for factor in factors:
                 moe = replace(ROUTERS[router], capacity_factor=factor, aux_loss_coef=AUX_COEF if aux else 0.0)
-                setup_ = replace(setup or Setup(moe=moe), moe=moe)
+                setup_ = replace(setup or Setup(moe=moe, **SIZE), moe=moe)
                 name = ctx.run_id(router, f"cf{factor:g}", "aux" if aux else "noaux")
                 train(ctx.recorder, name, setup_, steps=ctx.steps, seed=ctx.seed, progress=ctx.progress)
                 report.runs.append(name)

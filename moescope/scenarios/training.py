@@ -27,15 +27,15 @@ Batch = tuple[Tensor, Tensor, list[str]]  # input_ids_BS, attention_mask_BS, dom
 
 @dataclass(frozen=True)
 class Setup:
-    """Model size and optimiser of one training run; small enough for a CPU in seconds per 100 steps."""
+    """Model size and optimiser of one training run; small enough for a busy CPU in minutes per 100 steps."""
 
     moe: MoEConfig
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4
     ffn_size: int = 128
-    seq_len: int = 64
-    batch_size: int = 16
+    seq_len: int = 32
+    batch_size: int = 8
     lr: float = 3e-3
     backend: str = "torch"
 
