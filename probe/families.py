@@ -59,8 +59,10 @@ _FIXES = {
                                             "partial_rotary_factor": 0.5, "mrope_section": [1, 1, 0]}),
     "longcat_flash": dict(zero_expert_num=4, expert_ffn_hidden_size=16),
     "granitemoehybrid": dict(mamba_n_heads=8, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=1,
-                             layer_types=["mamba", "attention"]),
-    "deepseek_v2": dict(topk_method="group_limited_greedy"),
+                             layer_types=["linear_attention", "full_attention"]),
+    "doge": dict(is_moe=True),
+    "deepseek_v2": dict(topk_method="group_limited_greedy", n_group=2, topk_group=1, num_experts_per_tok=2),
+    "mimo_v2_flash": dict(num_key_value_heads=2),
     "gemma4_text": dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=16),
 }
 # Families whose dedicated tests verify what their adapter records (the experts take no ids/weights).
@@ -131,7 +133,7 @@ def moe_families() -> list[str]:
 
 def _shrunk(cfg):
     layers = _get(cfg, "num_hidden_layers")
-    updates = {k: v for k, v in _SHRINK.items() if hasattr(cfg, k) and _get(cfg, k) is not None}
+    updates = {k: v for k, v in _SHRINK.items() if hasattr(cfg, k) and (_get(cfg, k) is not None or k == "head_dim")}
     grouped = isinstance(_get(cfg, "n_group"), int) and _get(cfg, "n_group") > 1
     for name in _EXPERT_COUNTS:
         if isinstance(_get(cfg, name), int):
@@ -142,8 +144,10 @@ def _shrunk(cfg):
     # Per-layer lists sized by the layer count keep their first entries (MoE layers kept when mixed).
     for name, value in vars(cfg).items():
         if isinstance(value, list) and isinstance(layers, int) and len(value) == layers and layers > 2:
-            updates[name] = value[:2]
-    updates.update(_FIXES.get(cfg.model_type, {}))
+            sparse = [v for v in value if isinstance(v, str) and ("sparse" in v or "moe" in v)]
+            updates[name] = [sparse[0]] * 2 if sparse else value[:2]  # e.g. mlp_layer_types: dense first
+    # Nested sub-configs (dicts) were passed at construction; setting them afterwards would leave plain dicts.
+    updates.update({k: v for k, v in _FIXES.get(cfg.model_type, {}).items() if not isinstance(v, dict)})
     for name, value in updates.items():
         try:
             setattr(cfg, name, value)
@@ -152,14 +156,37 @@ def _shrunk(cfg):
     return cfg
 
 
-def _model_class(model_type: str):
+def _construction_kwargs(model_type: str) -> dict:
+    """A family with fixes is built shrunk from the start: its config validates sizes against each other."""
+    fixes = _FIXES.get(model_type)
+    if not fixes:
+        return {}
+    cfg = _default_config(model_type)
+    shrink = {k: v for k, v in _SHRINK.items() if _get(cfg, k) is not None}
+    return {**shrink, **fixes}
+
+
+def _model_class(model_type: str, cfg=None):
+    """The auto class for the family, else the family's own model class for this config (text sub-models)."""
+    import importlib
+
+    from transformers import PreTrainedModel
     from transformers.models.auto import modeling_auto as auto
 
     if model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return auto.AutoModelForCausalLM
     if model_type in auto.MODEL_MAPPING_NAMES:
         return auto.AutoModel
-    return None
+    if cfg is None:
+        return None
+    try:
+        modeling = importlib.import_module(type(cfg).__module__.replace(".configuration_", ".modeling_"))
+    except ImportError:
+        return None
+    own = [c for c in vars(modeling).values() if isinstance(c, type) and issubclass(c, PreTrainedModel)
+           and getattr(c, "config_class", None) is type(cfg) and not c.__name__.endswith("PreTrainedModel")]
+    own.sort(key=lambda c: (not c.__name__.endswith("ForCausalLM"), not c.__name__.endswith("Model"), c.__name__))
+    return own[0] if own else None
 
 
 def _experts_modules(model):
@@ -191,14 +218,14 @@ def verify(model_type: str) -> FamilyResult:
     text_type = _get(text, "model_type") if text is not None else None
     if text_type and text_type != model_type and text_type in moe_families_cached():
         return FamilyResult(model_type, f"covered by `{text_type}`", "composite model; its MoE is the text model")
-    cls = _model_class(model_type)
+    cls = _model_class(model_type, cfg)
     if cls is None:
-        return FamilyResult(model_type, "not built", "no text model class in transformers' auto mappings")
+        return FamilyResult(model_type, "not built", "no model class for this config in transformers")
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            cfg = _shrunk(AutoConfig.for_model(model_type))
+            cfg = _shrunk(AutoConfig.for_model(model_type, **_construction_kwargs(model_type)))
             torch.manual_seed(0)
-            model = cls.from_config(cfg).eval()
+            model = (cls.from_config(cfg) if hasattr(cls, "from_config") else cls._from_config(cfg)).eval()
     except Exception as exc:  # noqa: BLE001
         return FamilyResult(model_type, "not built", _reason(exc))
     vocab = int(_get(cfg, "vocab_size") or _get(_get(cfg, "text_config"), "vocab_size") or 128)

@@ -83,12 +83,17 @@ def discover(model: nn.Module, spec: RouterSpec | Sequence[RouterSpec] | None = 
             found += [(adapter, site) for site in adapter.sites(model)]
         return sorted(found, key=lambda pair: (pair[1].layer, pair[1].module_path))
 
-    found, claimed = [], set()
+    found, claimed, explicit_layers = [], set(), set()
     for adapter in ADAPTERS:
+        structural = getattr(adapter, "name", "").startswith("structural")
         for site in adapter.sites(model):
             key = site.hook_module_path or site.module_path
             if site.module_path in claimed or key in claimed:
                 continue
+            if structural and site.layer in explicit_layers:
+                continue  # a second router on a layer an adapter already reads would merge with it
+            if not structural:
+                explicit_layers.add(site.layer)
             claimed.update({site.module_path, key})
             found.append((adapter, site))
     if not found:

@@ -145,7 +145,7 @@ class ExpertsInputAdapter:
     name = "structural-experts"
 
     def __init__(self) -> None:
-        self._positions: dict[str, tuple[int, int]] = {}
+        self._positions: dict[type, tuple[int, int]] = {}  # experts class -> (ids, weights) argument positions
         self._scores: dict[str, torch.Tensor] = {}   # site path -> router's last (T, E) output
 
     def sites(self, model: nn.Module) -> list[RouterSite]:
@@ -166,7 +166,7 @@ class ExpertsInputAdapter:
         layers = number_layers(model, [f[1] for f in found])
         sites = []
         for site_path, experts_path, num_experts, positions, top_k in found:
-            self._positions[experts_path] = positions
+            self._positions[type(model.get_submodule(experts_path))] = positions
             sites.append(RouterSite(module_path=site_path, layer=layers[experts_path], num_experts=num_experts,
                                     top_k=top_k, router_kind="structural", hook_module_path=experts_path))
         return sites
@@ -184,7 +184,10 @@ class ExpertsInputAdapter:
         return [(site.module_path, "post", keep_scores)]
 
     def capture(self, site: RouterSite, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> RouterCapture | None:
-        ids_at, w_at = self._positions.get(site.hook_module_path) or _experts_signature(module)
+        positions = self._positions.get(type(module))
+        if positions is None:
+            positions = self._positions[type(module)] = _experts_signature(module)
+        ids_at, w_at = positions
         if len(args) > max(ids_at, w_at):
             ids, weights = args[ids_at], args[w_at]
         else:
@@ -192,8 +195,8 @@ class ExpertsInputAdapter:
             values = list(bound.values())
             ids, weights = values[ids_at], values[w_at]
         ids = ids.detach()
-        tokens = ids.shape[0] if ids.dim() > 1 else ids.numel()
-        ids_TK = ids.reshape(tokens, -1)
+        ids_TK = ids.reshape(-1, ids.shape[-1]) if ids.dim() > 1 else ids.reshape(-1, 1)
+        tokens = ids_TK.shape[0]
         weights = weights.detach().reshape(tokens, -1)
         if weights.shape[1] == site.num_experts and ids_TK.shape[1] != site.num_experts:
             weights = weights.gather(1, ids_TK.clamp_min(0).long())  # dense (T, E) gates: the chosen columns
