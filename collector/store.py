@@ -240,6 +240,12 @@ class Store(AlertRecords):
         base["last_write"] = [fr.get(r, (0, None))[1] for r in base.run]
         return base
 
+    def run_config(self, run: str) -> dict:
+        """What the run registered about itself (probe settings, an import's engine), {} when nothing."""
+        self.require_run(run)
+        with self.engine.connect() as conn:
+            return conn.execute(select(md.runs.c.config).where(md.runs.c.run == run)).scalar_one() or {}
+
     def require_run(self, run: str) -> str:
         with self.engine.connect() as conn:
             if conn.execute(select(md.runs.c.run).where(md.runs.c.run == run)).first() is None:
