@@ -35,11 +35,11 @@ def _table(df, columns: list[str], table_id: str) -> html.Table:
     shown = [c for c in columns if c in df.columns]
 
     def fmt(v):
-        if isinstance(v, float):
-            return "—" if v != v else f"{v:.4g}"
         if isinstance(v, (list, tuple)) or hasattr(v, "tolist"):
             return ", ".join(str(x) for x in (v.tolist() if hasattr(v, "tolist") else v)) or "—"
-        return "—" if v is None else str(v)
+        if v is None or pd.isna(v):  # None, NaN and pandas' NA (a nullable onset step)
+            return "—"
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
     return html.Table([html.Thead(html.Tr([html.Th(c.replace("_", " ")) for c in shown])),
                        html.Tbody([html.Tr([html.Td(fmt(getattr(r, c))) for c in shown]) for r in df.itertuples()])],
                       id=table_id, className="table")

@@ -1,13 +1,14 @@
 """Router health page in headless Chromium: p05–p95 bands and means against the analysis library."""
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 from moescope.analysis import compute_metric
 from moescope.dashboard import create_app, figures
 from moescope.settings import Settings
 
-from .browser_support import LiveServer, graph_data, screenshot, severe_console_errors, type_into, wait_for
+from .browser_support import LiveServer, graph_data, screenshot, severe_console_errors, text_of, type_into, wait_for
 from .conftest import LAYERS, RUN, STEPS
 
 
@@ -26,6 +27,12 @@ def test_health_bands_match_the_analysis_quantiles_and_follow_the_picked_layer(r
             assert _trace(fig, "p05–p95")["y"] == pytest.approx(list(want["p05"]))
             assert _trace(fig, "p95")["y"] == pytest.approx(list(want["p95"]))
             assert fig["xtitle"] == "step" and fig["ytitle"]
+        verdicts = compute_metric(recorded_store, "collapse", run=RUN)
+        table = wait_for(browser, text_of("#health-collapse-table"))
+        for r in verdicts.itertuples():  # layer, verdict, onset step ("—" without an onset)
+            onset = "—" if pd.isna(r.onset_step) else str(int(r.onset_step))
+            assert f"{r.layer}\t{r.verdict}\t{onset}\t" in table
+        assert "<NA>" not in table
         heat = wait_for(browser, graph_data("health-layer-heatmap", "data.length === 1"))
         means = compute_metric(recorded_store, "entropy", run=RUN, by="step", quantiles=False)
         assert heat["data"][0]["y"] == list(LAYERS)
