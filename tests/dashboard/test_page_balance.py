@@ -85,3 +85,18 @@ def test_bad_balance_urls_show_a_message_not_a_traceback(recorded_store, browser
         assert "Traceback" not in message
         wait_for(browser, graph_data("balance-maxvio"))
         assert severe_console_errors(browser) == []
+
+
+def test_balance_charts_pick_up_new_steps_of_a_live_run_without_a_reload(recorded_store, browser):
+    import numpy as np
+
+    from .conftest import make_frame
+
+    with LiveServer(create_app(recorded_store, Settings(api_token=None), refresh_ms=1000)) as server:
+        browser.get(f"{server.url}/dash/balance?runs={RUN}")
+        wait_for(browser, graph_data("balance-maxvio", f"data.length === 1 && data[0].x.length === {STEPS}"))
+        assert recorded_store.write_frame(make_frame(STEPS, np.random.default_rng(99), producer="p1"))
+        fig = wait_for(browser, graph_data("balance-maxvio", f"data[0].x.includes({STEPS})"))
+        want = compute_metric(recorded_store, "maxvio", run=RUN, by="step").groupby("step")["maxvio"].mean()
+        assert fig["data"][0]["y"] == pytest.approx(list(want))
+        assert severe_console_errors(browser) == []
