@@ -33,7 +33,7 @@ import torch
 
 from moescope.analysis.collapse import LayerSeries, Settings, judge, layer_series
 from moescope.analysis.query import layer_meta, make_scope
-from moescope.collector.store import Store
+from moescope.analysis.store import AnalysisStore as Store
 from moescope.corpus import batches, build_corpus
 from moescope.kernels import MoEConfig, ModelConfig, MoETransformer
 from moescope.probe import attach

@@ -89,7 +89,7 @@ _naive_store = None
 def naive_token(message: dict) -> None:
     """One token at one layer, as JSON: builds and stores a K-row frame (what per-row ingestion costs)."""
     global _naive_store
-    from moescope.collector.store import Store
+    from moescope.analysis.store import AnalysisStore as Store
     from moescope.settings import get_settings
 
     if _naive_store is None:
@@ -322,7 +322,7 @@ def main(argv=None) -> int:
         print("redis-server not on PATH", file=sys.stderr)
         return 2
 
-    from moescope.collector.store import Store
+    from moescope.analysis.store import AnalysisStore as Store
 
     work = Path(tempfile.mkdtemp(prefix="moescope-bench-"))
     port = free_port()

@@ -18,7 +18,7 @@ import time
 import duckdb
 
 from bench_query import RUN, best, populate  # same folder: run as a script from anywhere
-from moescope.collector.store import Store
+from moescope.analysis.store import AnalysisStore as Store
 from moescope.dashboard.dash_app import create_dash
 from moescope.settings import Settings
 

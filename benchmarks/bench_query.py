@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from moescope.analysis import compute_metric
-from moescope.collector.store import Store
+from moescope.analysis.store import AnalysisStore as Store
 from moescope.frame import Frame
 from moescope.schema import EXPERT_STEP, ROUTING, TOKEN_STATS
 

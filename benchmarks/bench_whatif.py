@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_query import LAYERS, RUN, populate  # noqa: E402
 
 from moescope.analysis import compute_metric  # noqa: E402
-from moescope.collector.store import Store  # noqa: E402
+from moescope.analysis.store import AnalysisStore as Store  # noqa: E402
 
 
 def main() -> None:

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         print("redis-server not on PATH", file=sys.stderr)
         return 2
     from moescope.collector.check import check_run
-    from moescope.collector.store import Store
+    from moescope.analysis.store import AnalysisStore as Store
     from moescope.probe.redis_sink import RedisSink
 
     work = Path(tempfile.mkdtemp(prefix="moescope-soak-"))

@@ -494,13 +494,6 @@ class Store(AlertRecords):
             rows = conn.execute(select(*cols).where(md.quarantined_segments.c.run == run)).all()
         return pd.DataFrame(rows, columns=["path", "table_name", "rows", "reason", "quarantined_at"])
 
-    def metric(self, name: str, run: str, **kwargs) -> pd.DataFrame:
-        """A routing metric of METRICS.md by name, e.g. store.metric("maxvio", run="r", layers=[3])."""
-        from moescope.analysis import compute_metric
-
-        self.require_run(run)
-        return compute_metric(self, name, run=run, **kwargs)
-
     # ---------------------------------------------------------------- ledger
     def ledger(self, run: str) -> pd.DataFrame:
         """Per producer: frames sent, stored, dead-lettered, dropped, and missing sequence numbers."""
@@ -813,10 +806,3 @@ def _require_sqlite_file(url: str) -> None:
         raise StoreError(f"no store metadata at {str(path)!r}: is --store right? (`moescope demo` creates one)")
     if path.stat().st_size == 0:
         raise StoreError(f"store metadata {str(path)!r} is empty (0 bytes): the store is damaged; restore it from a backup")
-
-
-def open_store(root: str | os.PathLike | None = None, database_url: str | None = None, *, create: bool = True) -> Store:
-    from moescope.settings import get_settings
-
-    settings = get_settings()
-    return Store(root if root is not None else settings.store, database_url or settings.database_url, create=create)

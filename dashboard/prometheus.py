@@ -40,7 +40,7 @@ import pandas as pd
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from moescope.analysis import alerts
+from moescope.analysis import alerts, compute_metric
 from moescope.collector.store import Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
@@ -95,12 +95,12 @@ def routing_summary(store: Store, run: str, *, window_steps: int = WINDOW_STEPS,
         if window is None:
             return None
         kw = dict(by="window", steps=window, phase=phase)
-        per_layer = store.metric("maxvio", run, **kw)[["layer", "maxvio_global"]].rename(columns={"maxvio_global": "maxvio"})
+        per_layer = compute_metric(store, "maxvio", run, **kw)[["layer", "maxvio_global"]].rename(columns={"maxvio_global": "maxvio"})
         for name, cols in (("cv", {"cv": "cv"}), ("dead_experts", {"dead_fraction": "dead_fraction"}),
                            ("entropy", {"mean": "entropy_mean"}), ("drop_rate", {"drop_rate": "drop_rate"})):
-            df = store.metric(name, run, **kw)[["layer", *cols]].rename(columns=cols)
+            df = compute_metric(store, name, run, **kw)[["layer", *cols]].rename(columns=cols)
             per_layer = per_layer.merge(df, on="layer", how="outer")
-        share = store.metric("load_share", run, **kw)
+        share = compute_metric(store, "load_share", run, **kw)
     return RoutingSummary(run, window[0], window[1], per_layer.sort_values("layer").reset_index(drop=True),
                           _extremes(share, top_k))
 

@@ -220,19 +220,21 @@ def log_to(probe, writer, *, image_every: int = IMAGE_EVERY, prefix: str = PREFI
 
 # ------------------------------------------------------------------ after the fact: from the store
 def store_summaries(store, run: str, *, image_every: int = IMAGE_EVERY, phase: str | None = None) -> list[StepSummary]:
-    """StepSummary per recorded step of `run`, through the analysis library (store.metric(..., by="step"))."""
+    """StepSummary per recorded step of `run`, through the analysis library (compute_metric(..., by="step"))."""
+    from moescope.analysis import compute_metric
+
     if int(image_every) < 1:
         raise ValueError(f"image_every must be at least 1, got {image_every!r}")
     store.require_run(run)
     with store.reading(run):
-        maxvio = store.metric("maxvio", run, by="step", phase=phase)
-        drops = store.metric("drop_rate", run, by="step", phase=phase)
-        ent = store.metric("entropy", run, by="step", phase=phase, quantiles=False)
+        maxvio = compute_metric(store, "maxvio", run, by="step", phase=phase)
+        drops = compute_metric(store, "drop_rate", run, by="step", phase=phase)
+        ent = compute_metric(store, "entropy", run, by="step", phase=phase, quantiles=False)
         per_token = store.sql("SELECT step, layer, entropy FROM token_stats WHERE run = ?"
                               + (" AND phase = ?" if phase else ""), [run, phase] if phase else [run], run=run)
         steps = sorted(set(maxvio.step) | set(ent.step))
         pictured = {s for s in steps if s % image_every == 0} | ({steps[0], steps[-1]} if steps else set())
-        share = pd.concat([store.metric("load_share", run, by="step", steps=(s, s), phase=phase) for s in sorted(pictured)]) \
+        share = pd.concat([compute_metric(store, "load_share", run, by="step", steps=(s, s), phase=phase) for s in sorted(pictured)]) \
             if pictured else pd.DataFrame(columns=["step", "layer", "expert", "share"])
     out = []
     for step in steps:

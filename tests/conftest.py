@@ -14,7 +14,7 @@ POSTGRES_URL = os.environ.get("MOESCOPE_TEST_POSTGRES_URL", "postgresql+psycopg:
 
 @pytest.fixture
 def store(tmp_path):
-    from moescope.collector.store import Store
+    from moescope.analysis.store import AnalysisStore as Store
 
     s = Store(tmp_path / "store")
     yield s

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from moescope.cli import main
-from moescope.collector.store import Store
+from moescope.analysis.store import AnalysisStore as Store
 
 
 def run_cli(*args, cwd=None):

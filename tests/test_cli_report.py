@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from moescope.collector.store import Store
+from moescope.analysis.store import AnalysisStore as Store
 
 sys.path.insert(0, str(Path(__file__).parent / "analysis"))
 from test_report import ONSET, write_incident_run  # noqa: E402

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moescope.collector.store import Store, UnknownProbeSet
+from moescope.collector.store import UnknownProbeSet
+from moescope.analysis.store import AnalysisStore as Store
 from moescope.demo import demo_probe_set_name, run_demo
 from moescope.kernels import MoETransformer
 from moescope.probe.replay import load_reference_checkpoint

@@ -71,7 +71,7 @@ def test_reference_model_router_buffer_is_not_saved_and_steers_routing():
 
 @pytest.fixture(scope="module")
 def reference_runs(tmp_path_factory):
-    from moescope.collector.store import Store
+    from moescope.analysis.store import AnalysisStore as Store
 
     store = Store(tmp_path_factory.mktemp("collapse") / "store")
 

@@ -263,7 +263,7 @@ def test_readme_what_if_example_runs_as_written(tmp_path, monkeypatch, capsys):
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     command = section.split("`moescope whatif ", 1)[1].split("`", 1)[0]
     monkeypatch.chdir(tmp_path)
-    from moescope.collector.store import Store
+    from moescope.analysis.store import AnalysisStore as Store
 
     store = Store(tmp_path / "moescope-data")
     trace = {s: [(pos, ((pos + s) % 8, (pos * 3 + 1) % 8 if (pos * 3 + 1) % 8 != (pos + s) % 8 else (pos + s + 1) % 8))

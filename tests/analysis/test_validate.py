@@ -166,7 +166,7 @@ def test_reference_run_with_sampled_rows_passes_and_says_what_it_skipped(store):
 
 
 def test_demo_store_passes(tmp_path):
-    from moescope.collector.store import Store
+    from moescope.analysis.store import AnalysisStore as Store
     from moescope.demo import run_demo
 
     store = Store(tmp_path / "demo")

@@ -15,7 +15,7 @@ from sqlalchemy import create_engine
 
 from moescope.analysis import alerts
 from moescope.collector.alert_records import DuplicateAlertRule
-from moescope.collector.store import Store
+from moescope.analysis.store import AnalysisStore as Store
 from moescope.frame import Frame
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "analysis"))

@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from ingest_helpers import make_frame, wait_until  # noqa: E402
 
-from moescope.collector.store import Store
+from moescope.analysis.store import AnalysisStore as Store
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

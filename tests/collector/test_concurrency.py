@@ -16,13 +16,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ingest_helpers import make_frame  # noqa: E402
 
 from moescope.collector import metadata as md
-from moescope.collector.store import Store
+from moescope.analysis.store import AnalysisStore as Store
 from moescope.probe.redis_sink import RedisSink
 
 DURATION_S = 60
 READER = """
 import json, sys, time, traceback
-from moescope.collector.store import Store
+from moescope.analysis.store import AnalysisStore as Store
 root, url, out, duration = sys.argv[1], sys.argv[2] or None, sys.argv[3], float(sys.argv[4])
 store = Store(root, url)
 end = time.time() + duration

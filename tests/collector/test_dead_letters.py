@@ -11,7 +11,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from ingest_helpers import make_frame, wait_drained  # noqa: E402
 
-from moescope.collector.store import Store
+from moescope.analysis.store import AnalysisStore as Store
 from moescope.frame import MAGIC, encode
 from moescope.probe.redis_sink import RedisSink
 

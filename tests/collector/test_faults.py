@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, text
 sys.path.insert(0, str(Path(__file__).parent))
 from ingest_helpers import make_frame, wait_until  # noqa: E402
 
-from moescope.collector.store import Store
+from moescope.analysis.store import AnalysisStore as Store
 from moescope.collector.stream import GROUP
 from moescope.probe.redis_sink import RedisSink
 

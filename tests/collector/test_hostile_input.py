@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ingest_helpers import STREAM, Workers, free_port, make_frame, wait_until  # noqa: E402
 
 from moescope.collector.check import check_run
-from moescope.collector.store import Store, StoreError
+from moescope.collector.store import StoreError
+from moescope.analysis.store import AnalysisStore as Store
 from moescope.collector.stream import GROUP, StreamIngestor
 from moescope.frame import Frame, encode
 from moescope.probe.redis_sink import RedisSink

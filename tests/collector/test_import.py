@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from moescope.collector import importers
 from moescope.collector import metadata as md
-from moescope.collector.store import Store
+from moescope.analysis.store import AnalysisStore as Store
 from moescope.cli import main
 
 LAYERS, EXPERTS, K = 3, 8, 2

@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ingest_helpers import make_frame  # noqa: E402
 
 from moescope.collector.check import check_run
-from moescope.collector.store import Store
+from moescope.analysis.store import AnalysisStore as Store
 from moescope.probe.redis_sink import RedisSink
 
 

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ingest_helpers import Workers, free_port  # noqa: E402
 
 from moescope.collector.check import check_run
-from moescope.collector.store import Store
+from moescope.analysis.store import AnalysisStore as Store
 
 RUN = "ddp"
 RANKS, LAYERS, K = 2, 2, 2

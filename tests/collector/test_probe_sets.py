@@ -6,7 +6,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from moescope.collector.store import ProbeSetConflict, Store, UnknownProbeSet
+from moescope.collector.store import ProbeSetConflict, UnknownProbeSet
+from moescope.analysis.store import AnalysisStore as Store
 from moescope.corpus import build_corpus
 from moescope.frame import Frame
 from moescope.probe_sets import CORPUS_SEED, ProbeSet, ProbeSetError

@@ -8,7 +8,8 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from moescope.collector.store import Store, StoreError, UnknownRun
+from moescope.collector.store import StoreError, UnknownRun
+from moescope.analysis.store import AnalysisStore as Store
 from moescope.frame import Frame, decode, encode
 from moescope.schema import EXPERT_STEP
 

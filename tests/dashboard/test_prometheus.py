@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from moescope.collector.store import Store
+from moescope.analysis.store import AnalysisStore as Store
 from moescope.dashboard import prometheus
 from moescope.frame import Frame
 from moescope.schema import EXPERT_STEP, TOKEN_STATS

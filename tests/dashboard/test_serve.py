@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from moescope.collector.store import Store
+from moescope.analysis.store import AnalysisStore as Store
 
 from .conftest import RUN, fill_store
 

@@ -9,7 +9,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from moescope.collector.store import Store
+from moescope.analysis.store import AnalysisStore as Store
 from moescope.dashboard import create_app
 from moescope.dashboard.deps import is_loopback
 from moescope.settings import Settings

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from moescope.collector.store import Store
+from moescope.analysis.store import AnalysisStore as Store
 from moescope.probe import attach
 from moescope.probe.loggers import export_tensorboard, heatmap_image, log_to
 

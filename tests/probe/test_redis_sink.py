@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "collector"))
 from ingest_helpers import RedisServer, make_frame, redis_available, wait_until  # noqa: E402
 
 from moescope.collector.check import check_run
-from moescope.collector.store import Store
+from moescope.analysis.store import AnalysisStore as Store
 from moescope.collector.stream import StreamIngestor
 from moescope.frame import decode
 from moescope.probe.redis_sink import RedisSink

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from moescope.cli import main
-from moescope.collector.store import Store, UnknownProbeSet
+from moescope.collector.store import UnknownProbeSet
+from moescope.analysis.store import AnalysisStore as Store
 from moescope.kernels import MoEConfig, ModelConfig, MoETransformer
 from moescope.probe import attach
 from moescope.probe.replay import ReplayError, replay, save_reference_checkpoint

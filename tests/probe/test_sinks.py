@@ -13,7 +13,7 @@ from moescope.probe import LocalSink, MemorySink, NullSink, attach, make_sink  #
 
 
 def test_local_sink_writes_frames_into_the_store(tmp_path):
-    from moescope.collector.store import Store
+    from moescope.analysis.store import AnalysisStore as Store
 
     model = FakeLM(layers=2, capacity_factor=1.0)
     ids, mask = batch(b=3, s=7, pad_right=(0, 2, 4))

@@ -4,7 +4,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def module_store(tmp_path_factory):
-    from moescope.collector.store import Store
+    from moescope.analysis.store import AnalysisStore as Store
 
     s = Store(tmp_path_factory.mktemp("scenario") / "store")
     yield s

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from moescope.collector.store import Store
+from moescope.analysis.store import AnalysisStore as Store
 from moescope.scenarios import specialisation
 from moescope.scenarios.report import Context
 from moescope.scenarios.training import Recorder
