@@ -33,7 +33,9 @@ def settled_window(steps: int) -> tuple[int, int]:
 
 def dropped_share(store, run: str, steps: int) -> float:
     """Dropped slots over all slots, every layer together, from the exact per-expert aggregates."""
-    df = store.metric("drop_rate", run=run, steps=settled_window(steps), by="window", phase="train")
+    from moescope.analysis import compute_metric
+
+    df = compute_metric(store, "drop_rate", run=run, steps=settled_window(steps), by="window", phase="train")
     return float(df.dropped.sum() / df.slots.sum())
 
 
@@ -52,7 +54,7 @@ def run(ctx: Context, *, routers=tuple(ROUTERS), factors=FACTORS, setup: Setup |
                 report.runs.append(name)
                 row[f"cf {factor:g}"] = 100 * dropped_share(ctx.store, name, ctx.steps)
                 if factor == POSITION_FACTOR:
-                    pos = ctx.store.metric("drop_rate", run=name, steps=settled_window(ctx.steps), by="window",
+                    pos = ctx.metric("drop_rate", run=name, steps=settled_window(ctx.steps), by="window",
                                            phase="train", position_buckets=POSITION_BUCKETS)
                     pos = pos.groupby(["bucket"], as_index=False).agg(pos_lo=("pos_lo", "min"), pos_hi=("pos_hi", "max"),
                                                                      slots=("slots", "sum"), dropped=("dropped", "sum"))

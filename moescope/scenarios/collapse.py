@@ -79,7 +79,7 @@ def judged(ctx: Context, report: Report, run: str, label: str) -> tuple[pd.DataF
     """Collapse verdict per layer, and the steps where each layer's alert rule fires, added to the report."""
     from moescope.analysis import alerts
 
-    verdict = ctx.store.metric("collapse", run=run)
+    verdict = ctx.metric("collapse", run=run)
     report.tables[f"{label}: collapse detection"] = verdict[["layer", "verdict", "onset_step", "summary"]]
     fired = {}
     for layer in verdict.layer:

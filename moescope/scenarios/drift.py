@@ -43,8 +43,8 @@ def run(ctx: Context, *, setup: Setup = SETUP, checkpoints: int = CHECKPOINTS) -
     for checkpoint, step, path in trained.checkpoints:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         replay(model, ctx.store, probe_set, run=name, checkpoint=checkpoint, step=step, path=str(path))
-    saturation = ctx.store.metric("saturation", run=name, probe_set=probe_set)
-    fluctuation = ctx.store.metric("fluctuation", run=name, probe_set=probe_set)
+    saturation = ctx.metric("saturation", run=name, probe_set=probe_set)
+    fluctuation = ctx.metric("fluctuation", run=name, probe_set=probe_set)
     table = (saturation.groupby(["checkpoint", "step"], as_index=False, sort=False)
              .agg(saturation=("saturation", "mean"), baseline=("baseline", "first"))
              .merge(fluctuation.groupby(["checkpoint", "step"], as_index=False, sort=False)

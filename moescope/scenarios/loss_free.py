@@ -41,8 +41,8 @@ def run(ctx: Context) -> Report:
                         progress=ctx.progress)
         val = evaluate(ctx.recorder, trained.model, held_out, run=name, checkpoint="final", step=ctx.steps)
         report.runs.append(name)
-        on_val = ctx.store.metric("maxvio", run=name, by="window", phase="eval")
-        on_train = ctx.store.metric("maxvio", run=name, by="window", phase="train", steps=(ctx.steps // 2 + 1, ctx.steps))
+        on_val = ctx.metric("maxvio", run=name, by="window", phase="eval")
+        on_train = ctx.metric("maxvio", run=name, by="window", phase="train", steps=(ctx.steps // 2 + 1, ctx.steps))
         rows.append({"balancing": label, "MaxVio_global (held-out)": on_val.maxvio_global_mean_layers.iloc[0],
                      "MaxVio_batch (train, 2nd half)": on_train.maxvio_batch_mean_layers.iloc[0],
                      "val loss": val, "val ppl": math.exp(val)})

@@ -31,6 +31,12 @@ class Context:
     def run_id(self, *parts: str) -> str:
         return "-".join((self.prefix, *parts))
 
+    def metric(self, name: str, run: str, **options) -> "pd.DataFrame":
+        """A metric of the analysis library over the store, whichever Store class the caller holds."""
+        from moescope.analysis import compute_metric
+
+        return compute_metric(self.store, name, run=run, **options)
+
 
 @dataclass
 class Report:

@@ -21,7 +21,7 @@ def run(ctx: Context, *, setup: Setup = SETUP) -> Report:
     trained = train(ctx.recorder, name, setup, steps=ctx.steps, seed=ctx.seed, progress=ctx.progress)
     evaluate(ctx.recorder, trained.model, held_out_batches(setup), run=name, checkpoint="final", step=ctx.steps)
     report.runs.append(name)
-    spec = ctx.store.metric("domain_specialisation", run=name, checkpoint="final", phase="eval")
+    spec = ctx.metric("domain_specialisation", run=name, checkpoint="final", phase="eval")
     # An expert prefers a domain when it takes that domain's tokens more often than its own average over domains.
     spec["mean over domains"] = spec.groupby(["layer", "expert"]).share.transform("mean")
     spec["preference"] = spec.share / spec["mean over domains"]
