@@ -9,7 +9,7 @@ from moescope.analysis import compute_metric
 from moescope.dashboard import create_app, figures
 from moescope.settings import Settings
 
-from .browser_support import (LiveServer, graph_data, screenshot, severe_console_errors, text_of, type_into,
+from .browser_support import (LiveServer, graph_data, screenshot, severe_console_errors, type_into,
                               wait_for)
 from .conftest import DEAD, LAYERS, RUN, STEPS, fill_store
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_moe import FakeAdapter, FakeLM, batch, fake_sites  # noqa: E402
