@@ -175,13 +175,13 @@ def served_store(tmp_path):
         store.close()
 
 
-def _wait(ready, proc, what: str, limit_s: float = 90) -> None:
+def _wait(ready, proc, what: str, limit_s: float = 180) -> None:
     deadline = time.monotonic() + limit_s
     while True:
         try:
             if ready():
                 return
-        except httpx.TransportError:
+        except (httpx.TransportError, ValueError):  # not listening yet, or a plain-text "not ready" answer
             pass
         assert proc.poll() is None, f"{what} exited: {proc.stdout.read().decode()[-2000:]}"
         assert time.monotonic() < deadline, f"{what} did not become ready"
