@@ -6,7 +6,7 @@ check under torch.cuda.set_sync_debug_mode("error").
     python benchmarks/bench_probe_gpu.py [--layers 8 --hidden 1024 --experts 8 --batch 8 --seq 1024]
     python benchmarks/bench_probe_gpu.py --device cpu --layers 2 --hidden 64 --seq 32 --repeats 2   # smoke run
 
-Budgets (DESIGN.md): ≤1% of a training step and ≤3% of a decode step at full capture.
+Budgets (BENCHMARKS.md): ≤1% of a training step and ≤3% of a decode step at full capture.
 Random weights built from a config; nothing is downloaded.
 """
 from __future__ import annotations

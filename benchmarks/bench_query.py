@@ -6,7 +6,7 @@ Writes N routing rows (E=8 top-2, 4 layers, 4096 tokens per layer per step, two
 domains) through Store.write_frame in large frames, with the matching token_stats and
 expert_step rows, then times each dashboard query (best of --repeat) next to the raw
 GROUP BY a hand-written query would run over the same Parquet files.
-Budget (DESIGN.md): each dashboard query <= 1 s on 100M routing rows.
+Budget (BENCHMARKS.md): each dashboard query <= 1 s on 100M routing rows.
 """
 from __future__ import annotations
 

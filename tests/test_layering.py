@@ -1,4 +1,4 @@
-"""Dependencies point one way (DESIGN.md's layout): analysis sits above storage, the collector never reaches up."""
+"""Dependencies point one way (README's Layout): analysis sits above storage, the collector never reaches up."""
 from __future__ import annotations
 
 import ast
