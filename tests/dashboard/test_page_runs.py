@@ -36,7 +36,9 @@ def test_runs_page_shows_each_runs_health_and_opens_the_picked_runs_overlaid(rec
         # Tick both runs: the links open them overlaid, and the pick is in the URL.
         for label in browser.find_elements("css selector", "#runs-select label"):
             label.click()
-        link = wait_for(browser, "const a = document.querySelector('#runs-open-balance'); return a && a.href;")
+        # Wait for the link to carry both picks (each click updates it in turn).
+        link = wait_for(browser, "const a = document.querySelector('#runs-open-balance'); "
+                                 "return a && a.href.includes('%2C') && a.href;")
         assert f"runs={RUN}%2C{OTHER}" in link or f"runs={OTHER}%2C{RUN}" in link
         assert "runs=" in browser.current_url
         screenshot(browser, "runs")
