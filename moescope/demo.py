@@ -50,13 +50,7 @@ def run_demo(store: Store, *, steps: int = 60, run: str | None = None, seed: int
         bar = tqdm(range(1, steps + 1), desc=f"training {run}", unit="step", disable=not progress)
         for step in bar:
             input_ids, attention_mask, domains = next(stream)
-            probe.set_step(step)
-            probe.set_domains(domains)
-            out = model(input_ids, attention_mask=attention_mask, labels=input_ids)
-            out.loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            model.update_router_biases()
+            out = train_step(model, optimizer, probe, step, input_ids, attention_mask, domains)
             tokens += int(attention_mask.sum())
             bar.set_postfix(loss=f"{out.loss.item():.3f}")
             if step in save_at:
@@ -98,6 +92,18 @@ def replay_checkpoints(store: Store, run: str, saved: list[tuple[str, int, Path]
 def demo_probe_set_name(seq_len: int = 128) -> str:
     """The demo's probe set: held-out sequences of the bundled corpus (registered once per store)."""
     return f"corpus-{seq_len}"
+
+
+def train_step(model, optimizer, probe, step: int, input_ids, attention_mask, domains):
+    """One recorded training step of the reference model (language-model loss, router bias update)."""
+    probe.set_step(step)
+    probe.set_domains(domains)
+    out = model(input_ids, attention_mask=attention_mask, labels=input_ids)
+    out.loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    model.update_router_biases()
+    return out
 
 
 def _save(model, ckpt_dir: Path, step: int) -> Path:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from moescope.collector.store import Store, StoreError
-from moescope.demo import PROBE_SET_SEED
+from moescope.demo import PROBE_SET_SEED, train_step
 from moescope.kernels import MoEConfig, ModelConfig, MoETransformer
 from moescope.scenarios.report import ScenarioError
 
@@ -138,13 +138,7 @@ def train(recorder: Recorder, run: str, setup: Setup, *, steps: int, seed: int, 
             input_ids, attention_mask, domains = next(stream)
             if before_step is not None:
                 before_step(step, model)
-            probe.set_step(step)
-            probe.set_domains(domains)
-            out = model(input_ids, attention_mask=attention_mask, labels=input_ids)
-            out.loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            model.update_router_biases()
+            out = train_step(model, optimizer, probe, step, input_ids, attention_mask, domains)
             losses.append(float(lm_loss(out).detach()))
             if step in save_at:
                 saved.append(_save(recorder.store, run, model, ckpt_dir, step))
