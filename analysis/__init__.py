@@ -56,19 +56,21 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
 
 
 def compute_metric(store, name: str, run: str, *, layers=None, steps=None, checkpoint=None, by: str | None = None,
-                   phase: str | None = None, **options) -> pd.DataFrame:
+                   phase: str | None = None, ranks=None, **options) -> pd.DataFrame:
     """One metric of METRICS.md for one run, as a DataFrame.
 
     layers: list of layer ids (default all); steps: (lo, hi) inclusive; checkpoint: only
     rows of that checkpoint; by: "step" (a row per step) or "window" (one summary over
-    the selection), default per metric; phase: "train" / "eval" / "prefill" / "decode".
+    the selection), default per metric; phase: "train" / "eval" / "prefill" / "decode";
+    ranks: list of ranks whose rows count (default every rank, summed).
     Metric-specific options go in **options (e.g. threshold=, position_buckets=,
     checkpoint_a=, run_b=). Unknown metric or bad argument: ValueError; unknown run: UnknownRun.
     """
     metric = METRICS.get(name) if isinstance(name, str) else None
     if metric is None:
         raise ValueError(f"unknown metric {name!r}; valid metrics: {', '.join(METRICS)}")
-    scope = make_scope(run, layers=layers, steps=steps, checkpoint=checkpoint, by=by or metric.default_by, phase=phase)
+    scope = make_scope(run, layers=layers, steps=steps, checkpoint=checkpoint, by=by or metric.default_by, phase=phase,
+                       ranks=ranks)
     store.require_run(run)
     with store.reading(run):  # one DuckDB connection and one segment listing for all of the metric's queries
         return metric.fn(store, scope, layer_meta(store, run), **options).reset_index(drop=True)

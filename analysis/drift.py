@@ -102,7 +102,7 @@ def _require_shared(tokens: dict[str, int], names: list[str], other: str, probe_
 
 def _layers_phase(scope: Scope) -> tuple[str, list]:
     """The scope's layer and phase filter only (the reference checkpoint is not bound to the step window)."""
-    return Scope(run=scope.run, layers=scope.layers, phase=scope.phase).where()
+    return Scope(run=scope.run, layers=scope.layers, phase=scope.phase, ranks=scope.ranks).where()
 
 
 def saturation(store, scope: Scope, meta: pd.DataFrame, reference: str | None = None, probe_set: str | None = None,
@@ -196,7 +196,8 @@ def fluctuation(store, scope: Scope, meta: pd.DataFrame, reference: str | None =
 
 
 def _load(store, run: str, checkpoint: str, scope: Scope) -> pd.DataFrame:
-    sc = Scope(run=run, layers=scope.layers, steps=scope.steps, checkpoint=checkpoint, phase=scope.phase, by="window")
+    sc = Scope(run=run, layers=scope.layers, steps=scope.steps, checkpoint=checkpoint, phase=scope.phase, by="window",
+               ranks=scope.ranks)
     where, params = sc.where()
     return store.sql(f"SELECT layer, expert, sum(tokens)::DOUBLE AS load FROM expert_step WHERE {where} GROUP BY ALL",
                      params, run=run)

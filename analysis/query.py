@@ -24,6 +24,7 @@ class Scope:
     checkpoint: str | None = None
     phase: str | None = None
     by: str = "step"
+    ranks: tuple[int, ...] | None = None  # None: every rank (the rows of all ranks are summed)
 
     def where(self, *, alias: str = "", checkpoint: bool = True) -> tuple[str, list]:
         """SQL WHERE body and its parameters for this scope (layers are validated ints, inlined)."""
@@ -40,6 +41,8 @@ class Scope:
         if self.phase is not None:
             parts.append(f"{a}phase = ?")
             params.append(self.phase)
+        if self.ranks is not None:
+            parts.append(f"{a}rank IN ({', '.join(str(int(r)) for r in self.ranks)})" if self.ranks else "FALSE")
         return " AND ".join(parts), params
 
     @property
@@ -48,19 +51,12 @@ class Scope:
         return "step, " if self.by == "step" else ""
 
 
-def make_scope(run, layers=None, steps=None, checkpoint=None, by="step", phase=None) -> Scope:
+def make_scope(run, layers=None, steps=None, checkpoint=None, by="step", phase=None, ranks=None) -> Scope:
     """Validate the common arguments; ValueError with one line naming what is wrong."""
     if not isinstance(run, str) or not run:
         raise ValueError(f"run must be a non-empty string, got {run!r}")
-    if layers is not None:
-        if isinstance(layers, (int,)) and not isinstance(layers, bool):
-            layers = [layers]
-        if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) and not hasattr(layers, "__iter__"):
-            raise ValueError(f"layers must be a list of ints, got {layers!r}")
-        layers = list(layers)
-        if not all(_is_int(x) for x in layers):
-            raise ValueError(f"layers must be a list of ints, got {layers!r}")
-        layers = tuple(sorted({int(x) for x in layers}))
+    layers = _int_set("layers", layers)
+    ranks = _int_set("ranks", ranks)
     if steps is not None:
         if (not isinstance(steps, (tuple, list)) or len(steps) != 2 or not all(_is_int(s) for s in steps)):
             raise ValueError(f"steps must be a (lo, hi) pair of ints, inclusive, got {steps!r}")
@@ -73,7 +69,21 @@ def make_scope(run, layers=None, steps=None, checkpoint=None, by="step", phase=N
         raise ValueError(f"by must be one of {list(BY_VALUES)}, got {by!r}")
     if phase is not None and not isinstance(phase, str):
         raise ValueError(f"phase must be a string, got {phase!r}")
-    return Scope(run=run, layers=layers, steps=steps, checkpoint=checkpoint, phase=phase, by=by)
+    return Scope(run=run, layers=layers, steps=steps, checkpoint=checkpoint, phase=phase, by=by, ranks=ranks)
+
+
+def _int_set(name: str, values) -> tuple[int, ...] | None:
+    """None, one int or an iterable of ints -> sorted distinct ints; ValueError naming `name` otherwise."""
+    if values is None:
+        return None
+    if _is_int(values):
+        values = [values]
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) and not hasattr(values, "__iter__"):
+        raise ValueError(f"{name} must be a list of ints, got {values!r}")
+    values = list(values)
+    if not all(_is_int(x) for x in values):
+        raise ValueError(f"{name} must be a list of ints, got {values!r}")
+    return tuple(sorted({int(x) for x in values}))
 
 
 def _is_int(x) -> bool:

@@ -44,7 +44,7 @@ def render() -> str:
              "Generated from the code by `python -m moescope.reference`; do not edit by hand. Metric definitions and",
              "their sources: `docs/METRICS.md`.", "", "## Metrics", "",
              "`store.metric(NAME, run=..., layers=..., steps=(lo, hi), checkpoint=..., by=\"step\"|\"window\", "
-             "phase=..., **options)`", "", "| metric | reads | default `by` | what |", "|---|---|---|---|"]
+             "phase=..., ranks=[...], **options)`", "", "| metric | reads | default `by` | what |", "|---|---|---|---|"]
     for m in METRICS.values():
         lines.append(f"| `{m.name}` | {m.source} | {m.default_by} | {_cell(m.summary)} |")
     for m in METRICS.values():
