@@ -27,6 +27,7 @@ from moescope.probe.adapters.watch import select_sites
 from moescope.probe.capture import AGG_ROWS, CallTensors, HostCopier, SiteState, accumulate
 from moescope.probe.context import ForwardInputs, InputReader, StepContext, check_run_id, detect_rank, read_inputs
 from moescope.probe.framer import ForwardRecord, Framer, SiteRecord, default_producer
+from moescope.probe.placement import device_map_config
 from moescope.probe.sinks import MemorySink, Sink, make_sink
 
 log = logging.getLogger("moescope.probe")
@@ -73,7 +74,8 @@ class Probe:
                  checkpoint: str = "initial", step: int = 0, rank: int | None = None, sample_rate: float = 1.0,
                  spec: Any = None, max_host_bytes: int = 256 << 20, producer: str | None = None,
                  sites: list[tuple[Adapter, RouterSite]] | None = None, frame_interval_s: float = 1.0,
-                 frame_rows: int = 1 << 20, seed: int = 0, watch: Any = None):
+                 frame_rows: int = 1 << 20, seed: int = 0, watch: Any = None, expert_devices: Any = None,
+                 ep_size: int | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
         check_run_id(run)
@@ -93,6 +95,7 @@ class Probe:
             sites = select_sites(sites, watch)  # raises ValueError when the filter keeps nothing
         if not sites:
             raise ValueError("attach() got an empty list of router sites")
+        devices = device_map_config(model, sites, expert_devices, ep_size)  # ValueError on a bad map
         self.model = model
         self._cuda = torch.cuda.is_available()
         self.rank = detect_rank() if rank is None else int(rank)
@@ -108,7 +111,7 @@ class Probe:
         self._copier = HostCopier()
         self.framer = Framer(run, self.producer, [s.site for _, s in self._pairs], self.sample_rate, seed,
                              run_config={"probe": {"producer": self.producer, "sample_rate": self.sample_rate,
-                                                   "adapters": sorted({getattr(a, "name", type(a).__name__) for a, _ in self._pairs})}})
+                                                   "adapters": sorted({getattr(a, "name", type(a).__name__) for a, _ in self._pairs})}, **devices})
         self.framer.add_checkpoint(checkpoint, int(step))
         self._queue: queue.Queue = queue.Queue()  # unbounded in items; bytes are bounded by the budget
         self._budget_lock = threading.Lock()
@@ -502,7 +505,10 @@ def attach(model: nn.Module, sink: str | Sink | None = "local", run: str = "defa
     Sink. sample_rate samples per-token rows per sequence (expert_step stays exact).
     Extra options: sites=[(adapter, RouterSite), ...] to skip discovery; watch= to record only
     some of the routers found (layer numbers, module-path globs or a predicate over RouterSite,
-    see moescope.probe.adapters.watch); frame_interval_s, frame_rows, seed.
+    see moescope.probe.adapters.watch); frame_interval_s, frame_rows, seed; expert_devices= (the device
+    of each expert: a list for every layer or {layer: list}, an entry a list of devices for replicas) or
+    ep_size=N (contiguous), recorded with the run for per-device load (default: read from Megatron-Core's
+    or DeepSpeed's expert-parallel group where the model has one; see moescope.device_map).
     """
     return Probe(model, sink=sink, run=run, checkpoint=checkpoint, step=step, rank=rank, sample_rate=sample_rate,
                  spec=spec, max_host_bytes=max_host_bytes, producer=producer, **options)

@@ -56,6 +56,8 @@ class Adapter(Protocol):
     `capture(site, module, args, kwargs, output)` is called from a forward hook
     registered (with_kwargs=True) on `site.hook_module_path or site.module_path`.
     It must not change `output` and must not synchronise with the host.
+    Optionally `expert_devices(model, site)`: the device (expert-parallel rank) of each of
+    the site's experts, or None when the framework does not say (see moescope.probe.placement).
     """
 
     name: str

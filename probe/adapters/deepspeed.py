@@ -21,6 +21,7 @@ from torch import nn
 
 from moescope.probe.adapters.base import RouterCapture, RouterSite
 from moescope.probe.adapters.hf_common import number_layers, sort_slots
+from moescope.probe.adapters.parallel import ancestors, contiguous_devices, group_size
 
 
 def _gate_class():
@@ -45,6 +46,17 @@ class DeepSpeedAdapter:
             )
             for p, m in found
         ]
+
+    def expert_devices(self, model: nn.Module, site: RouterSite) -> list[int] | None:
+        """EP rank of each expert, from the gate's MOELayer: its expert-parallel group once set, else its ep_size.
+
+        DeepSpeed's all-to-all hands rank r the experts r·E/G .. (r+1)·E/G − 1 (`num_local_experts` each).
+        """
+        for layer in ancestors(model, site.module_path):
+            if hasattr(layer, "num_local_experts") and hasattr(layer, "ep_size") and getattr(layer, "gate", None) is not None:
+                group = getattr(layer, "ep_group", None)
+                return contiguous_devices(site.num_experts, group_size(group) if group is not None else layer.ep_size)
+        return None
 
     def capture(self, site: RouterSite, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> RouterCapture | None:
         if not isinstance(output, tuple) or len(output) != 4 or output[1].dim() != 3:

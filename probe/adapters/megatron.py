@@ -32,6 +32,7 @@ from torch import nn
 
 from moescope.probe.adapters.base import RouterCapture, RouterSite
 from moescope.probe.adapters.hf_common import normalise_rows, number_layers, sort_slots
+from moescope.probe.adapters.parallel import ancestors, contiguous_devices, group_size
 
 _ROUTER_MODULE = "megatron.core.transformer.moe.router"
 _UTILS_MODULE = "megatron.core.transformer.moe.moe_utils"
@@ -96,6 +97,20 @@ class MegatronAdapter:
                 capacity_factor=float(capacity) if capacity is not None else None,
             ))
         return sites
+
+    def expert_devices(self, model: nn.Module, site: RouterSite) -> list[int] | None:
+        """EP rank of each expert: the MoE layer's group (`ep_group`), else the router config's EP size.
+
+        Megatron's MoELayer holds experts ep_rank·E/G .. (ep_rank+1)·E/G − 1 (`local_expert_indices`).
+        """
+        size = None
+        for layer in ancestors(model, site.module_path):
+            if hasattr(layer, "local_expert_indices") and hasattr(layer, "ep_group"):
+                size = group_size(layer.ep_group)
+                break
+        if size is None:
+            size = getattr(model.get_submodule(site.module_path).config, "expert_model_parallel_size", None)
+        return contiguous_devices(site.num_experts, size)
 
     def capture(self, site: RouterSite, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> RouterCapture | None:
         if not isinstance(output, tuple) or len(output) != 2:
