@@ -112,6 +112,11 @@ def layer_meta(store, run: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["layer", "E", "k"]).astype({"layer": "int64", "E": "int64", "k": "int64"})
 
 
+def run_ranks(store, run: str) -> list[int]:
+    """The ranks that recorded expert load in the run, ascending."""
+    return [int(r) for r in store.sql("SELECT DISTINCT rank FROM expert_step ORDER BY 1", run=run)["rank"]]
+
+
 def meta_cte(meta: pd.DataFrame, scope: Scope) -> str:
     """A `meta(layer, E, k)` CTE body inlined from validated ints (views take no parameters)."""
     rows = [r for r in meta.itertuples() if scope.layers is None or r.layer in scope.layers]

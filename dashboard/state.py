@@ -1,6 +1,6 @@
 """A page's state as it travels in the URL query string, so every view can be bookmarked and shared.
 
-    ?runs=a,b&checkpoint=ck-3&layer=5&step_min=100&step_max=900&smoothing=0.6
+    ?runs=a,b&checkpoint=ck-3&layer=5&step_min=100&step_max=900&smoothing=0.6&ranks=0,3
 
 Parsing is lenient and never raises: a malformed value is dropped and named in the
 returned problems, which the page shows above its charts. Whether a run exists is
@@ -18,7 +18,9 @@ from moescope.schema import SchemaError, check_run_id
 STEP_LIMIT = 2**62
 MAX_RUNS = 8  # overlaid runs: beyond this a chart is unreadable
 SMOOTHING_MAX = 0.999
-KEYS = ("runs", "checkpoint", "checkpoint_b", "layer", "step_min", "step_max", "smoothing")
+RANK_LIMIT = 2**31 - 1  # rank is int32 in the record
+MAX_RANKS = 1024
+KEYS = ("runs", "checkpoint", "checkpoint_b", "layer", "step_min", "step_max", "smoothing", "ranks")
 
 
 @dataclass
@@ -30,6 +32,7 @@ class ViewState:
     step_min: int | None = None
     step_max: int | None = None
     smoothing: float = 0.0
+    ranks: list[int] = field(default_factory=list)  # empty: every rank
 
     @property
     def run(self) -> str | None:
@@ -105,6 +108,17 @@ def parse_smoothing(value, problems: list[str]) -> float:
     return weight
 
 
+def parse_ranks(value, problems: list[str]) -> list[int]:
+    """'0,3' (or the key repeated) -> [0, 3]; parts that are not ranks are named in problems."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    parts = [p.strip() for v in values if v not in (None, "") for p in str(v).split(",") if p.strip()]
+    if len(parts) > MAX_RANKS:
+        problems.append(f"ignored the rank filter: more than {MAX_RANKS} ranks")
+        return []
+    ranks = {parse_int("ranks", part, problems, lo=0, hi=RANK_LIMIT) for part in parts}
+    return sorted(r for r in ranks if r is not None)
+
+
 def parse(query: dict) -> tuple[ViewState, list[str]]:
     """ViewState from the query parameters Dash pages hand a layout, plus the problems found."""
     problems: list[str] = []
@@ -117,7 +131,8 @@ def parse(query: dict) -> tuple[ViewState, list[str]]:
         step_min = step_max = None
     state = ViewState(runs=runs, checkpoint=first_value(query.get("checkpoint")), checkpoint_b=first_value(query.get("checkpoint_b")),
                       layer=layer, step_min=step_min, step_max=step_max,
-                      smoothing=parse_smoothing(query.get("smoothing"), problems))
+                      smoothing=parse_smoothing(query.get("smoothing"), problems),
+                      ranks=parse_ranks(query.get("ranks"), problems))
     return state, problems
 
 

@@ -22,13 +22,13 @@ def series_phase(store: Store, run: str) -> str | None:
     return "train" if not trained.empty and trained["slots"].fillna(0).sum() > 0 else None
 
 
-def last_step(store: Store, run: str, phase: str | None) -> int | None:
+def last_step(store: Store, run: str, phase: str | None, ranks: list[int] | None = None) -> int | None:
     """The newest step with expert load in `phase` (read from one layer's per-step drop rate)."""
-    overall = compute_metric(store, "drop_rate", run=run, by="window", phase=phase)
+    overall = compute_metric(store, "drop_rate", run=run, by="window", phase=phase, ranks=ranks)
     if overall.empty:
         return None
     first = int(overall["layer"].min())
-    steps = compute_metric(store, "drop_rate", run=run, by="step", layers=[first], phase=phase)
+    steps = compute_metric(store, "drop_rate", run=run, by="step", layers=[first], phase=phase, ranks=ranks)
     return None if steps.empty else int(steps["step"].max())
 
 
@@ -48,7 +48,7 @@ _COLLAPSE_CACHE: dict[tuple, pd.DataFrame] = {}
 _COLLAPSE_CACHE_SIZE = 64
 
 
-def collapse_table(store: Store, run: str, detail: str = "layers") -> pd.DataFrame | None:
+def collapse_table(store: Store, run: str, detail: str = "layers", ranks: list[int] | None = None) -> pd.DataFrame | None:
     """compute_metric("collapse", run, detail=detail), kept until the run writes again: the change-point fit
     reads every step of the run (seconds at 10M routing rows), and pages ask for it on every refresh.
     None where the collapse metric is not available."""
@@ -56,18 +56,19 @@ def collapse_table(store: Store, run: str, detail: str = "layers") -> pd.DataFra
         return None
     runs = store.runs().set_index("run")
     version = (int(runs.at[run, "frames"]), int(runs.at[run, "routing_rows"])) if run in runs.index else None
-    key = (str(store.root), run, detail, version)
+    ranks = None if ranks is None else tuple(ranks)
+    key = (str(store.root), run, detail, version, ranks)
     if key not in _COLLAPSE_CACHE:
         if len(_COLLAPSE_CACHE) >= _COLLAPSE_CACHE_SIZE:
             _COLLAPSE_CACHE.pop(next(iter(_COLLAPSE_CACHE)))
-        _COLLAPSE_CACHE[key] = compute_metric(store, "collapse", run=run, detail=detail)
+        _COLLAPSE_CACHE[key] = compute_metric(store, "collapse", run=run, detail=detail, ranks=ranks)
     return _COLLAPSE_CACHE[key]
 
 
-def collapse_verdict(store: Store, run: str) -> str | None:
+def collapse_verdict(store: Store, run: str, ranks: list[int] | None = None) -> str | None:
     """The worst collapse verdict over the run's layers and the layers that have it, e.g. "collapsing (layers 3, 5)";
     None where the collapse metric is not available."""
-    verdicts = collapse_table(store, run)
+    verdicts = collapse_table(store, run, ranks=ranks)
     if verdicts is None:
         return None
     from moescope.analysis.collapse import VERDICTS  # ordered from healthy to collapsed
@@ -82,12 +83,13 @@ def collapse_verdict(store: Store, run: str) -> str | None:
 
 
 def run_health(store: Store, run: str, *, firing: int = 0, now: float | None = None,
-               last_write: float | None = None, routing_rows: int = 0) -> dict:
+               last_write: float | None = None, routing_rows: int = 0, ranks: list[int] | None = None) -> dict:
     """One run's health over its last WINDOW_STEPS steps: MaxVio (mean over layers), dead experts
-    (summed over layers), drop rate, alerts firing, recording status."""
+    (summed over layers), drop rate, alerts firing, recording status; from the rows of `ranks` only when given
+    (alerts, status and routing rows stay the run's)."""
     now = time.time() if now is None else now
     phase = series_phase(store, run)
-    last = last_step(store, run, phase)
+    last = last_step(store, run, phase, ranks)
     row = {"run": run, "phase": phase or "all", "last_step": last, "window_steps": WINDOW_STEPS, "maxvio": None,
            "dead_experts": None, "drop_rate": None, "collapse": None, "alerts_firing": int(firing), "last_write": _finite(last_write),
            "routing_rows": int(routing_rows)}
@@ -96,27 +98,27 @@ def run_health(store: Store, run: str, *, firing: int = 0, now: float | None = N
     if last is None:
         return row
     steps = (last - WINDOW_STEPS + 1, last)
-    maxvio = compute_metric(store, "maxvio", run=run, steps=steps, by="window", phase=phase)
-    dead = compute_metric(store, "dead_experts", run=run, steps=steps, by="window", phase=phase)
-    drops = compute_metric(store, "drop_rate", run=run, steps=steps, by="window", phase=phase)
+    maxvio = compute_metric(store, "maxvio", run=run, steps=steps, by="window", phase=phase, ranks=ranks)
+    dead = compute_metric(store, "dead_experts", run=run, steps=steps, by="window", phase=phase, ranks=ranks)
+    drops = compute_metric(store, "drop_rate", run=run, steps=steps, by="window", phase=phase, ranks=ranks)
     if not maxvio.empty:
         row["maxvio"] = _finite(maxvio["maxvio_global_mean_layers"].iloc[0])
     if not dead.empty:
         row["dead_experts"] = int(dead["dead"].sum())
-    row["collapse"] = collapse_verdict(store, run)
+    row["collapse"] = collapse_verdict(store, run, ranks)
     if not drops.empty and drops["slots"].sum() > 0:
         row["drop_rate"] = float(drops["dropped"].sum() / drops["slots"].sum())
     return row
 
 
-def runs_health(store: Store, now: float | None = None) -> pd.DataFrame:
-    """run_health for every recorded run, newest first."""
+def runs_health(store: Store, now: float | None = None, ranks: list[int] | None = None) -> pd.DataFrame:
+    """run_health for every recorded run, newest first (from the rows of `ranks` only when given)."""
     runs = store.runs()
     firing: dict[str, int] = {}
     for event in prometheus.firing_alerts(store):
         firing[event["run"]] = firing.get(event["run"], 0) + 1
     rows = [run_health(store, r.run, firing=firing.get(r.run, 0), now=now, last_write=_finite(r.last_write),
-                       routing_rows=r.routing_rows) for r in runs.iloc[::-1].itertuples()]
+                       routing_rows=r.routing_rows, ranks=ranks) for r in runs.iloc[::-1].itertuples()]
     columns = ["run", "status", "phase", "last_step", "window_steps", "maxvio", "dead_experts", "drop_rate",
                "collapse", "alerts_firing", "last_write", "routing_rows"]
     return pd.DataFrame(rows, columns=columns)

@@ -25,13 +25,14 @@ def layout(**query) -> html.Div:
     controls = [common.run_picker(PREFIX, view.runs, multi=True),
                 common.layer_input(PREFIX, view.layer, placeholder="all (mean)"),
                 *common.step_inputs(PREFIX, view), common.smoothing_input(PREFIX, view.smoothing),
+                common.rank_picker(PREFIX, view.ranks),
                 html.Div(dcc.Checklist(id="balance-fixed", options=[{"label": " fixed colour scale (0–3× fair share)",
                                                                       "value": "1"}],
                                        value=["1"] if fixed else []), className="picker")]
     body = [html.Div(className="row", children=[common.graph(f"balance-{m}", className="half") for m in LINE_CHARTS]),
             common.graph("balance-layer-heatmap"), common.graph("balance-expert-heatmap")]
     search = state.search(runs=view.runs, layer=view.layer, step_min=view.step_min, step_max=view.step_max,
-                          smoothing=view.smoothing, fixed_scale="1" if fixed else None)
+                          smoothing=view.smoothing, fixed_scale="1" if fixed else None, ranks=view.ranks)
     return common.page(PREFIX, "Balance", "Expert load balance over steps. Leave the layer empty for the mean over "
                        "layers; click a row of the layer heatmap to drill into that layer.", controls, body, problems,
                        search, PATH)
@@ -47,15 +48,15 @@ def mean_over_layers(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     return df.groupby("step", as_index=False)[metric].mean()
 
 
-def run_series(store, run: str, layer: int | None, steps, phase: str | None) -> tuple[dict[str, pd.DataFrame],
-                                                                                      pd.DataFrame]:
+def run_series(store, run: str, layer: int | None, steps, phase: str | None,
+               ranks: list[int] | None = None) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
     """Per metric, the step series of one run (the layer's, or the mean over layers), and MaxVio of every layer."""
-    maxvio = compute_metric(store, "maxvio", run=run, steps=steps, by="step", phase=phase)
+    maxvio = compute_metric(store, "maxvio", run=run, steps=steps, by="step", phase=phase, ranks=ranks)
     layers = None if layer is None else [layer]
     out = {}
     for metric, (column, _, _) in LINE_CHARTS.items():
         df = maxvio if metric == "maxvio" else compute_metric(store, metric, run=run, layers=layers, steps=steps,
-                                                              by="step", phase=phase)
+                                                              by="step", phase=phase, ranks=ranks)
         if layer is not None:
             out[metric] = df[df["layer"] == layer][["step", column]]
         else:
@@ -66,9 +67,11 @@ def run_series(store, run: str, layer: int | None, steps, phase: str | None) -> 
 def register(app: dash.Dash, ctx: common.Context) -> None:
     common.register_drill_down(app, "balance-layer-heatmap", "balance-layer")
     common.register_run_options(app, ctx, PREFIX, multi=True)
+    common.register_rank_options(app, ctx, PREFIX)
     common.register_url_sync(app, PREFIX, PATH, {
         "runs": "balance-runs", "layer": "balance-layer", "step_min": "balance-step-min",
-        "step_max": "balance-step-max", "smoothing": "balance-smoothing", "fixed_scale": "balance-fixed"})
+        "step_max": "balance-step-max", "smoothing": "balance-smoothing", "fixed_scale": "balance-fixed",
+        "ranks": "balance-ranks"})
     outputs = [Output(f"balance-{m}", "figure") for m in LINE_CHARTS] + [
         Output("balance-layer-heatmap", "figure"), Output("balance-expert-heatmap", "figure"),
         Output("balance-message", "children")]
@@ -80,15 +83,16 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
     @app.callback(outputs, Input("balance-runs", "value"), Input("balance-layer", "value"),
                   Input("balance-step-min", "value"), Input("balance-step-max", "value"),
                   Input("balance-smoothing", "value"), Input("balance-fixed", "value"), Input("refresh-charts", "n_intervals"),
-                  State("balance-problems", "data"))
+                  Input("balance-ranks", "value"), State("balance-problems", "data"))
     @common.guarded(empty)
-    def update(runs, layer, step_min, step_max, smoothing, fixed, _n, problems):
+    def update(runs, layer, step_min, step_max, smoothing, fixed, _n, ranks, problems):
         runs = [r for r in (runs or []) if r]
         if not runs:
             return empty("pick one or more runs", problems)
         steps, step_note = common.window(step_min, step_max)
         weight, smooth_note = common.smoothing_weight(smoothing)
-        notes = [step_note, smooth_note]
+        ranks, rank_note = common.rank_filter(ranks)
+        notes = [step_note, smooth_note, rank_note]
         layer_id = None
         if layer not in (None, ""):
             layer_id, _, note = common.pick_layer(ctx.store, runs[0], layer)
@@ -99,11 +103,13 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
         for run in runs:
             ctx.store.require_run(run)
             phases[run] = summaries.series_phase(ctx.store, run)
-            series, maxvio = run_series(ctx.store, run, layer_id, steps, phases[run])
+            series, maxvio = run_series(ctx.store, run, layer_id, steps, phases[run], ranks)
             first_maxvio = maxvio if first_maxvio is None else first_maxvio
             for metric, df in series.items():
                 per_metric[metric][run] = df
         where = f"layer {layer_id}" if layer_id is not None else "mean over layers"
+        if ranks:
+            where += f", rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
         key = f"{','.join(runs)}|{layer_id}"
         lines = [figures.step_lines(per_metric[m], column, title=f"{title} — {where}", y_title=y_title, smoothing=weight,
                                     uirevision=key, baseline=1.0 if m == "switch_score" else None,
@@ -119,7 +125,7 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
             expert_heat = figures.empty_figure(figures.NO_DATA, "Expert load")
         else:
             util = compute_metric(ctx.store, "utilisation", run=runs[0], layers=[expert_layer], steps=steps, by="step",
-                                  phase=phases[runs[0]])
+                                  phase=phases[runs[0]], ranks=ranks)
             expert_heat = figures.step_heatmap(
                 util, "utilisation", "expert", title=f"Expert load, layer {expert_layer} — {runs[0]} "
                 f"({'fixed scale' if fixed else 'scale follows the data'})", row_title="expert",

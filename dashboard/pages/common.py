@@ -10,7 +10,7 @@ import dash
 import pandas as pd
 from dash import ClientsideFunction, Input, Output, State, dcc, html
 
-from moescope.analysis.query import layer_meta
+from moescope.analysis.query import layer_meta, run_ranks
 from moescope.collector.store import Store, StoreError
 from moescope.dashboard import figures, state
 from moescope.settings import Settings
@@ -53,6 +53,15 @@ def checkpoint_picker(prefix: str, value: str | None, *, suffix: str = "checkpoi
     cid = f"{prefix}-{suffix}"
     return labelled(label, dcc.Dropdown(id=cid, value=value, clearable=True, placeholder=placeholder,
                                         options=[{"label": value, "value": value}] if value else []), cid)
+
+
+def rank_picker(prefix: str, ranks: list[int]) -> html.Div:
+    """A multi-select of ranks (empty: every rank, summed); its options are the picked runs' ranks."""
+    cid = f"{prefix}-ranks"
+    return html.Div([html.Label("Ranks", htmlFor=cid),
+                     dcc.Dropdown(id=cid, multi=True, value=list(ranks), placeholder="all ranks",
+                                  options=[{"label": str(r), "value": r} for r in ranks]),
+                     html.Div(id=f"{prefix}-rank-note", className="message")], className="picker")
 
 
 def number_input(cid: str, label: str, value, *, placeholder: str, minimum=None, maximum=None, step=1) -> html.Div:
@@ -142,6 +151,39 @@ def register_run_options(app: dash.Dash, ctx: Context, prefix: str, *, multi: bo
             return options, dash.no_update, None
         value = kept if multi else (kept[0] if kept else None)
         return options, value, note
+
+
+def register_rank_options(app: dash.Dash, ctx: Context, prefix: str, *, from_runs: bool = True) -> None:
+    """Fill the rank picker with the ranks of the picked runs (of every run when from_runs is False);
+    ranks from the URL that none of them recorded are named, not kept."""
+    inputs = [Input(f"{prefix}-runs", "value")] if from_runs else []
+
+    @app.callback(Output(f"{prefix}-ranks", "options"), Output(f"{prefix}-ranks", "value"),
+                  Output(f"{prefix}-rank-note", "children"), *inputs, Input("refresh", "n_intervals"),
+                  State(f"{prefix}-ranks", "value"))
+    def fill_ranks(*args):
+        runs, current = (args[0], args[-1]) if from_runs else (None, args[-1])
+        names = ([runs] if isinstance(runs, str) else list(runs or [])) if from_runs else known_runs(ctx.store)
+        seen: set[int] = set()
+        for run in names:
+            try:
+                seen.update(run_ranks(ctx.store, run))
+            except StoreError:
+                continue  # an unknown run is named by the run picker
+        wanted, _ = rank_filter(current)
+        kept = [r for r in wanted or [] if r in seen]
+        missing = [r for r in wanted or [] if r not in seen]
+        note = f"no rank {', '.join(map(str, missing))} in the picked runs; ranks {', '.join(map(str, sorted(seen)))}" \
+            if missing and seen else None
+        return ([{"label": str(r), "value": r} for r in sorted(seen)], dash.no_update if kept == (wanted or []) else kept,
+                note)
+
+
+def rank_filter(value) -> tuple[list[int] | None, str | None]:
+    """The picked ranks for compute_metric (None: every rank), checked like the URL, and a note on bad ones."""
+    problems: list[str] = []
+    ranks = state.parse_ranks([str(v) for v in value] if isinstance(value, (list, tuple)) else value, problems)
+    return (ranks or None), "; ".join(problems) or None
 
 
 def register_checkpoint_options(app: dash.Dash, ctx: Context, prefix: str, suffix: str = "checkpoint") -> None:

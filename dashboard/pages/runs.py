@@ -22,9 +22,10 @@ def layout(**query) -> html.Div:
                        "Tick runs to overlay them on the other pages.",
                        [html.Div([html.Label("Runs to overlay or compare", htmlFor="runs-select"),
                                   dcc.Checklist(id="runs-select", value=view.runs, options=[], className="checklist",
-                                                inline=True)], className="picker wide")],
+                                                inline=True)], className="picker wide"),
+                        common.rank_picker(PREFIX, view.ranks)],
                        [html.Div(id="runs-links", className="links"), html.Div(id="runs-table-holder")],
-                       problems, state.search(runs=view.runs), PATH)
+                       problems, state.search(runs=view.runs, ranks=view.ranks), PATH)
 
 
 def _ago(seconds: float) -> str:
@@ -54,34 +55,39 @@ def cell(column: str, value, now: float):
 
 
 def register(app: dash.Dash, ctx: common.Context) -> None:
-    common.register_url_sync(app, PREFIX, PATH, {"runs": "runs-select"})
+    common.register_url_sync(app, PREFIX, PATH, {"runs": "runs-select", "ranks": "runs-ranks"})
+    common.register_rank_options(app, ctx, PREFIX, from_runs=False)
 
     @app.callback(Output("runs-table-holder", "children"), Output("runs-select", "options"),
                   Output("runs-message", "children"), Input("refresh-charts", "n_intervals"), Input("runs-problems", "data"),
-                  State("runs-select", "value"))
+                  Input("runs-ranks", "value"), State("runs-select", "value"))
     @common.guarded(lambda msg: (None, [], common.message([msg])))
-    def refresh(_n, problems, selected):
+    def refresh(_n, problems, ranks, selected):
         now = time.time()
-        health = summaries.runs_health(ctx.store, now=now)
+        ranks, rank_note = common.rank_filter(ranks)
+        health = summaries.runs_health(ctx.store, now=now, ranks=ranks)
         if health.empty:
             return html.P(common.NO_RUNS, className="empty"), [], common.message(problems)
         head = html.Thead(html.Tr([html.Th(h) for h in HEADERS.values()]))
         body = html.Tbody([html.Tr([html.Td(cell(c, getattr(r, c), now), className=f"col-{c}") for c in HEADERS],
                                    className=f"status-{r.status}") for r in health.itertuples()])
-        table = html.Table([head, body], id="runs-table", className="table")
+        caption = [html.Caption(f"balance of rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} only")] \
+            if ranks else []
+        table = html.Table(caption + [head, body], id="runs-table", className="table")
         options = [{"label": r, "value": r} for r in health["run"]]
         unknown = [r for r in selected or [] if r not in set(health["run"])]
         note = f"unknown run(s) {', '.join(repr(r) for r in unknown)} in the link" if unknown else None
-        return table, options, common.message(problems, note)
+        return table, options, common.message(problems, note, rank_note)
 
-    @app.callback(Output("runs-links", "children"), Input("runs-select", "value"))
-    def links(selected):
+    @app.callback(Output("runs-links", "children"), Input("runs-select", "value"), Input("runs-ranks", "value"))
+    def links(selected, ranks):
         selected = list(selected or [])
         if not selected:
             return html.P("Tick one or more runs to overlay them.", className="muted")
         search = state.search(runs=selected)
+        balance = state.search(runs=selected, ranks=common.rank_filter(ranks)[0])  # the page that filters by rank
         parts = [html.Span(f"{len(selected)} selected: ", className="muted"),
-                 dcc.Link("Balance", id="runs-open-balance", href=common.href("/balance", search)), " · ",
+                 dcc.Link("Balance", id="runs-open-balance", href=common.href("/balance", balance)), " · ",
                  dcc.Link("Router health", id="runs-open-health", href=common.href("/health", search)), " · ",
                  dcc.Link("Capacity what-if", href=common.href("/capacity", search))]
         if len(selected) >= 2:
