@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from moescope.analysis import balance, collapse, drift, expert_cache, health, placement, specialisation, whatif
+from moescope.analysis import (balance, collapse, device_load, drift, expert_cache, health, placement, specialisation,
+                               whatif)
 from moescope.analysis.query import layer_meta, make_scope
 
 
@@ -39,6 +40,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("drop_rate", balance.drop_rate, "expert_step", "step", "dropped slots over all slots"),
     Metric("predicted_drops", whatif.predicted_drops, "expert_step", "window", "drops under other capacity factors"),
     Metric("placement", placement.placement, "expert_step", "step", "expert placement over EP devices: balance, all-to-all bytes"),
+    Metric("device_load", device_load.device_load, "expert_step", "step", "tokens per device under the run's expert -> device map; balancedness"),
     Metric("expert_cache", expert_cache.expert_cache, "routing", "window", "hot-set coverage and LRU/LFU hit rates per cache size"),
     Metric("entropy", health.entropy, "token_stats", "step", "per-token router entropy (nats)"),
     Metric("z", health.z, "token_stats", "step", "router z-loss"),

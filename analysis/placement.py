@@ -30,8 +30,9 @@ import pandas as pd
 
 from moescope.analysis import placement_replay as pr
 from moescope.analysis.query import Scope, check_options, make_scope
+from moescope.device_map import DeviceMap, recorded
 
-POLICIES = ("contiguous", "round_robin", "eplb", "eplb_global", "coactivation", "map")
+POLICIES = ("contiguous", "round_robin", "eplb", "eplb_global", "coactivation", "map", "recorded")
 LOAD_AWARE = ("eplb", "eplb_global", "coactivation")
 # Suffix of a load-aware policy fitted on the evaluated window itself (hindsight), beside the one fitted on the past.
 HINDSIGHT = "@hindsight"
@@ -202,17 +203,20 @@ def make_layout(ep_size, gpus_per_node, redundant_slots, expert_groups, toleranc
     return Layout(int(ep_size), int(gpus_per_node), int(redundant_slots), int(expert_groups), float(tolerance))
 
 
-def parse_policies(policy, expert_map) -> list[str]:
+def parse_policies(policy, expert_map, has_recorded: bool = False) -> list[str]:
     if policy is None:
-        policy = "map" if expert_map is not None else "contiguous"
+        policy = "map" if expert_map is not None else "recorded" if has_recorded else "contiguous"
     if policy == "all" or isinstance(policy, (list, tuple)) and "all" in policy:
-        policies = [p for p in POLICIES if p != "map" or expert_map is not None]
+        policies = [p for p in POLICIES if (p != "map" or expert_map is not None) and (p != "recorded" or has_recorded)]
     else:
         policies = [policy] if isinstance(policy, str) else list(policy) if isinstance(policy, (list, tuple)) else None
         if not policies or any(p not in POLICIES for p in policies):
             raise ValueError(f"policy must be one of {list(POLICIES)} (or a list of them, or 'all'), got {policy!r}")
     if "map" in policies and expert_map is None:
         raise ValueError("policy 'map' needs expert_map (expert -> device)")
+    if "recorded" in policies and not has_recorded:
+        raise ValueError("policy 'recorded' needs the expert -> device map the run recorded for these layers "
+                         "(attach(..., expert_devices= or ep_size=)), spanning ep_size devices")
     return list(dict.fromkeys(policies))
 
 
@@ -322,7 +326,7 @@ def coactivation_counts(store, scope: Scope, steps, window: Window, layout: Layo
 # ----------------------------------------------------------------------------- the metric
 def placement(store, scope: Scope, meta: pd.DataFrame, ep_size=None, gpus_per_node=None, redundant_slots=0, policy=None,
               expert_map=None, hidden_size=None, dtype="bfloat16", fit_steps=None, expert_groups=1,
-              tolerance=DEFAULT_TOLERANCE, **options) -> pd.DataFrame:
+              tolerance=DEFAULT_TOLERANCE, recorded_map=True, **options) -> pd.DataFrame:
     """Expert placement what-if: the window's recorded traffic replayed on a placement over EP devices.
 
     Definition: METRICS.md §19. Redundant experts and their packing follow DeepSeek-V3
@@ -335,10 +339,14 @@ def placement(store, scope: Scope, meta: pd.DataFrame, ep_size=None, gpus_per_no
     (DeepSeek's EPLB as published: hierarchical when expert_groups is a multiple of the node
     count, else global), "eplb_global", "coactivation" (balanced packing keeping co-chosen
     experts together, within tolerance of the lightest device), "map" (expert_map: expert ->
-    device, or list of devices for replicas), a list of these, or "all"; expert_groups (EPLB's
+    device, or list of devices for replicas), "recorded" (the expert -> device map the run recorded
+    at attach time, its replicas included; METRICS.md §21), a list of these, or "all"; expert_groups (EPLB's
     groups, default 1); hidden_size and dtype (default bfloat16) turn copies into bytes;
     fit_steps (lo, hi): the window load-aware policies are fitted on (default: the evaluated
     window `steps` itself), so a placement chosen from past traffic is judged on later traffic.
+    recorded_map (default True): when the run recorded its expert -> device map for every layer asked
+    about, that map is the current placement, the default policy, and ep_size defaults to its device
+    count; False (or an ep_size of another device count) compares against contiguous instead.
 
     Model: loads are exact from expert_step, split evenly over an expert's replicas (EPLB's
     assumption). The token at position pos lives on device pos mod G and is sent once to each
@@ -354,7 +362,8 @@ def placement(store, scope: Scope, meta: pd.DataFrame, ep_size=None, gpus_per_no
     window (balancedness_fit, copies_per_step_fit, fit_eval_gap = balancedness_fit −
     balancedness), balancedness_hindsight (the policy fitted on the evaluated window itself)
     and staleness = balancedness_hindsight − balancedness (what choosing from past traffic
-    costs; 0 for static policies or when fit_steps is the window), the current placement (expert_map if given, else contiguous) and this
+    costs; 0 for static policies or when fit_steps is the window), the current placement (expert_map if given, else
+    the recorded map, else contiguous) and this
     one's improvement (balancedness / current's) and traffic_ratio (copies / current's),
     suggested (the load-aware policy with the best fit-window balancedness, fewer fit-window
     copies among those within 1%), and placement (device -> experts).
@@ -363,10 +372,13 @@ def placement(store, scope: Scope, meta: pd.DataFrame, ep_size=None, gpus_per_no
     rows = meta[[scope.layers is None or int(x) in scope.layers for x in meta.layer]]
     if rows.empty:
         raise ValueError(f"run {scope.run!r} has none of layers {list(scope.layers or [])}")
-    if ep_size is None:  # one node of up to 8 GPUs that every layer's experts divide over
-        ep_size = max(g for g in range(1, 9) if all(int(e) % g == 0 for e in rows.E))
+    if not isinstance(recorded_map, bool):
+        raise ValueError(f"recorded_map must be true or false, got {recorded_map!r}")
+    ran = _recorded(store, scope.run, rows, ep_size) if recorded_map else None
+    if ep_size is None:  # the recorded map's devices, else one node of up to 8 GPUs every layer's experts divide over
+        ep_size = ran.num_devices if ran is not None else max(g for g in range(1, 9) if all(int(e) % g == 0 for e in rows.E))
     layout = make_layout(ep_size, gpus_per_node, redundant_slots, expert_groups, tolerance)
-    policies = parse_policies(policy, expert_map)
+    policies = parse_policies(policy, expert_map, ran is not None)
     dtype_bytes = _dtype_bytes(dtype)
     if hidden_size is not None and (not _is_int(hidden_size) or int(hidden_size) < 1):
         raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
@@ -380,13 +392,16 @@ def placement(store, scope: Scope, meta: pd.DataFrame, ep_size=None, gpus_per_no
     coact = None
     if "coactivation" in policies:
         coact = coactivation_counts(store, scope, _fit_steps(fit_steps, scope), fit_w, layout, e_max, ks)
-    current = "map" if expert_map is not None else "contiguous"
+    current = "map" if expert_map is not None else "recorded" if ran is not None else "contiguous"
 
     def build(policy: str, window: Window, coact_LEE) -> list[Devices]:
         per_layer = []
         for li, layer in enumerate(window.layers.tolist()):
             e = e_by_layer[layer]
             try:
+                if policy == "recorded":  # what ran: its own replicas, whatever redundant_slots says
+                    per_layer.append(map_devices(ran.layers[layer], e, layout.ep_size))
+                    continue
                 per_layer.append(build_placement(policy, layout, e, window.load_SLE[:, li, :e].sum(0),
                                                  None if coact_LEE is None else coact_LEE[li, :e, :e], expert_map))
             except ValueError as exc:
@@ -409,6 +424,16 @@ def placement(store, scope: Scope, meta: pd.DataFrame, ep_size=None, gpus_per_no
                                                       e_max, ks, hidden_size, dtype_bytes)
     per_copy = float("nan") if hidden_size is None else float(hidden_size) * dtype_bytes
     return _summary(per_step, fit_step, policies, current, placements, eval_w.layers.tolist(), layout, per_copy)
+
+
+def _recorded(store, run: str, rows: pd.DataFrame, ep_size) -> DeviceMap | None:
+    """The run's recorded map when it covers every layer asked about (each fully) on ep_size devices."""
+    found = recorded(store.run_config(run), run)
+    if found is None or (ep_size is not None and ep_size != found.num_devices):
+        return None
+    if any(int(layer) not in found.layers or len(found.layers[int(layer)]) != int(e) for layer, e in zip(rows.layer, rows.E)):
+        return None
+    return found
 
 
 def _fit_steps(fit_steps, scope: Scope):

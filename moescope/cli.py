@@ -422,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     whatif.add_argument("--gpus-per-node", type=int, default=None, help="placement: devices per node (default all)")
     whatif.add_argument("--redundant-slots", type=int, default=0, help="placement: extra expert slots for replicas")
     whatif.add_argument("--policy", nargs="+", choices=[*POLICIES, "all"], default=None,
-                        help="placement: one or more policies, or all (default contiguous, or map with --expert-map)")
+                        help="placement: one or more policies, or all (default map with --expert-map, else recorded when the run "
+                             "recorded its expert -> device map, else contiguous)")
     whatif.add_argument("--expert-map", help="placement: device of each expert, e.g. 0,0,1,1 (replicas: 0+2)")
     whatif.add_argument("--expert-groups", type=int, default=1, help="placement: EPLB expert groups (default 1)")
     whatif.add_argument("--hidden-size", type=int, default=None, help="placement: hidden size, to report bytes")

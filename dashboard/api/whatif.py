@@ -38,7 +38,8 @@ class PlacementSummary(BaseModel):
     fit_eval_gap: float | None = Field(description="balancedness_fit − balancedness")
     balancedness_hindsight: float | None = Field(description="the same policy fitted on the evaluated window itself")
     staleness: float | None = Field(description="balancedness_hindsight − balancedness: the cost of fitting on the past")
-    current: str = Field(description="the placement compared against: map when an expert_map is given, else contiguous")
+    current: str = Field(description="the placement compared against: map when an expert_map is given, else recorded "
+                                     "when the run recorded its expert -> device map, else contiguous")
     improvement: float | None = Field(description="balancedness / the current placement's")
     traffic_ratio: float | None = Field(description="copies_per_step / the current placement's")
     suggested: bool = Field(description="the load-aware policy suggested for this layer (chosen on the fit window)")
