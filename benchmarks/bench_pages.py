@@ -34,6 +34,10 @@ PAGES = {
     "Specialisation co-activation (l. 0)": ("spec-coactivation.figure", {"spec-runs.value": RUN, "spec-layer.value": 0}),
     "Specialisation repetition (layer 0)": ("spec-repetition.figure", {"spec-runs.value": RUN, "spec-layer.value": 0}),
     "Capacity what-if": ("cap-curve.figure", {"cap-runs.value": RUN}),
+    "Placement what-if (layer 0, 5 policies)": ("wi-balancedness.figure", {
+        "wi-runs.value": RUN, "wi-layer.value": 0, "wi-dtype.value": "bfloat16", "wi-hidden.value": 4096,
+        "wi-policies.value": ["contiguous", "round_robin", "eplb", "eplb_global", "coactivation"]}),
+    "Cache what-if (layer 0, N = 1, 2, 4, 8)": ("wi-cache-curve.figure", {"wi-runs.value": RUN, "wi-layer.value": 0}),
     "Alerts": ("alerts-rules.children", {"alerts-runs.value": RUN, "alerts-changed.data": 0}),
 }
 
@@ -53,6 +57,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=10_000_000, help="routing rows to generate (default 10M)")
     ap.add_argument("--store", default=None, help="store directory (default: a temporary one)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--only", default="", help="only the page callbacks whose label contains this text")
     args = ap.parse_args()
     store = Store(args.store or tempfile.mkdtemp(prefix="moescope-bench-pages-"))
     if RUN not in set(store.runs().run):
@@ -82,7 +87,7 @@ def main() -> None:
     print(f"plain GROUP BY (step, layer, expert) over the routing files: {base:.3f} s")
     # "first" includes what a page caches until the run writes again (collapse verdicts); "best" is a refresh.
     print(f"{'page callback':36s} {'first s':>8s} {'best s':>8s} {'best/GROUP BY':>14s} {'JSON kB':>8s}")
-    for label, (output, values) in PAGES.items():
+    for label, (output, values) in ((k, v) for k, v in PAGES.items() if args.only in k):
         t0 = time.perf_counter()
         size = len(page(output, values).data) / 1024
         first = time.perf_counter() - t0

@@ -89,7 +89,8 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
         parts = [html.Span(f"{len(selected)} selected: ", className="muted"),
                  dcc.Link("Balance", id="runs-open-balance", href=common.href("/balance", balance)), " · ",
                  dcc.Link("Router health", id="runs-open-health", href=common.href("/health", search)), " · ",
-                 dcc.Link("Capacity what-if", href=common.href("/capacity", search))]
+                 dcc.Link("Capacity what-if", href=common.href("/capacity", search)), " · ",
+                 dcc.Link("Placement & cache what-if", href=common.href("/whatif", state.search(runs=selected[:1])))]
         if len(selected) >= 2:
             parts += [" · ", dcc.Link("Compare the first two", id="runs-open-compare",
                                       href=common.href("/compare", state.search(runs=selected[:2])))]
