@@ -2,6 +2,11 @@
 
 Each metric is a per-token value; reported as mean and quantiles per layer (per step
 with by="step"), or as a histogram with histogram=B bins.
+
+By default they read the rollups counted at ingest (token_step, token_hist): the mean
+is exact and the quantiles come from a mergeable sketch within a relative 2% of the
+true value (moescope.sketch), over every token even when per-token rows are sampled.
+exact=True sorts the recorded per-token rows instead; so do runs stored before rollups.
 """
 from __future__ import annotations
 
@@ -10,12 +15,52 @@ import math
 import pandas as pd
 
 from moescope.analysis.query import Scope, check_options
+from moescope.sketch import bin_value_sql
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+# stat in token_hist -> (tokens column, sum column) in token_step
+_ROLLUP = {"entropy": ("tokens", "entropy_sum"), "margin": ("tokens", "margin_sum"), "z": ("z_tokens", "z_sum")}
 
 
-def _distribution(store, scope: Scope, value_sql: str, histogram: int | None, not_null: str | None = None,
-                  quantiles: bool = True) -> pd.DataFrame:
+def has_rollups(store, scope: Scope, table: str = "token_step") -> bool:
+    """Whether the run's data was rolled up at ingest (stores written before rollups were not)."""
+    return bool(store.segment_paths(table, scope.run))
+
+
+def _check_exact(exact) -> None:
+    if not isinstance(exact, bool):
+        raise ValueError(f"exact must be True or False, got {exact!r}")
+
+
+def _from_rollups(store, scope: Scope, stat: str, quantiles: bool) -> pd.DataFrame:
+    where, params = scope.where()
+    sk = scope.step_key
+    order = ("step, " if sk else "") + "layer"
+    n_col, sum_col = _ROLLUP[stat]
+    means = f"""SELECT {sk} layer, sum({n_col})::BIGINT AS tokens, sum({sum_col}) / sum({n_col}) AS mean
+                FROM token_step WHERE {where} GROUP BY ALL HAVING sum({n_col}) > 0"""
+    if not quantiles:
+        return store.sql(f"{means} ORDER BY {order}", params, run=scope.run)
+    # The q-quantile is the bin holding rank q·(N − 1): the first whose cumulative count exceeds it.
+    picks = ", ".join(f"min(bin) FILTER (WHERE cum > {q} * (total - 1)) AS b{i}" for i, q in enumerate(QUANTILES))
+    values = ", ".join(f"{bin_value_sql(f'b{i}')} AS p{int(round(q * 100)):02d}" for i, q in enumerate(QUANTILES))
+    return store.sql(f"""
+        WITH m AS ({means}),
+        h AS (SELECT {sk} layer, bin, sum(tokens) AS n FROM token_hist WHERE stat = ? AND {where} GROUP BY ALL),
+        c AS (SELECT *, sum(n) OVER (PARTITION BY {sk} layer ORDER BY bin) AS cum,
+                        sum(n) OVER (PARTITION BY {sk} layer) AS total FROM h),
+        b AS (SELECT {sk} layer, {picks} FROM c GROUP BY ALL)
+        SELECT m.*, {values} FROM m LEFT JOIN b USING ({sk} layer) ORDER BY {order}""",
+                     params + [stat] + params, run=scope.run)
+
+
+def _distribution(store, scope: Scope, stat: str, value_sql: str, histogram: int | None, not_null: str | None = None,
+                  quantiles: bool = True, exact: bool = False) -> pd.DataFrame:
+    _check_exact(exact)
+    if not isinstance(quantiles, bool):
+        raise ValueError(f"quantiles must be True or False, got {quantiles!r}")
+    if histogram is None and not exact and has_rollups(store, scope):
+        return _from_rollups(store, scope, stat, quantiles)
     where, params = scope.where()
     if not_null:
         where += f" AND {not_null} IS NOT NULL AND isfinite({not_null})"
@@ -32,8 +77,6 @@ def _distribution(store, scope: Scope, value_sql: str, histogram: int | None, no
                    any_value(lo + w * (least(floor((x - lo) / w * {histogram}), {histogram - 1}) + 1) / {histogram}) AS hi,
                    count(*) AS tokens
             FROM v, span GROUP BY ALL ORDER BY {order}, bin""", params, run=scope.run)
-    if not isinstance(quantiles, bool):
-        raise ValueError(f"quantiles must be True or False, got {quantiles!r}")
     if not quantiles:  # the mean alone needs no sort: what a time-series chart plots
         return store.sql(f"""
             SELECT {sk} layer, count(*) AS tokens, avg(({value_sql})::DOUBLE) AS mean
@@ -49,15 +92,15 @@ def _distribution(store, scope: Scope, value_sql: str, histogram: int | None, no
 
 
 def entropy(store, scope: Scope, meta: pd.DataFrame, histogram: int | None = None, quantiles: bool = True,
-            **options) -> pd.DataFrame:
+            exact: bool = False, **options) -> pd.DataFrame:
     """Per-token routing entropy H(p_t) = −Σ_i p_t,i ln p_t,i in nats (METRICS.md §8).
 
     ln E at uniform routing (column `uniform`); a collapsing router shows a falling mean.
     Columns: [step,] layer, tokens, mean, p05, p25, p50, p75, p95, uniform (quantiles=False: the
-    mean only, no sort; what a time-series chart needs).
+    mean only; what a time-series chart needs). exact=True: quantiles of the recorded rows.
     """
     check_options("entropy", options, set())
-    df = _distribution(store, scope, "entropy", histogram, quantiles=quantiles)
+    df = _distribution(store, scope, "entropy", "entropy", histogram, quantiles=quantiles, exact=exact)
     if histogram is None:
         sizes = dict(zip(meta.layer, meta.E))
         df["uniform"] = [math.log(sizes[int(x)]) if int(x) in sizes else float("nan") for x in df["layer"]]
@@ -65,22 +108,23 @@ def entropy(store, scope: Scope, meta: pd.DataFrame, histogram: int | None = Non
 
 
 def z(store, scope: Scope, meta: pd.DataFrame, histogram: int | None = None, quantiles: bool = True,
-      **options) -> pd.DataFrame:
+      exact: bool = False, **options) -> pd.DataFrame:
     """Router z = mean_t (logsumexp_i z_t,i)² (ST-MoE, Zoph et al. 2022, Eq. 5: the z-loss).
 
     Tokens whose router gave no logits (logsumexp NULL) are left out.
     Columns: [step,] layer, tokens, mean (the z-loss), p05 … p95 of the per-token square.
     """
     check_options("z", options, set())
-    return _distribution(store, scope, "logsumexp * logsumexp", histogram, not_null="logsumexp", quantiles=quantiles)
+    return _distribution(store, scope, "z", "logsumexp * logsumexp", histogram, not_null="logsumexp",
+                         quantiles=quantiles, exact=exact)
 
 
 def margin(store, scope: Scope, meta: pd.DataFrame, histogram: int | None = None, quantiles: bool = True,
-           **options) -> pd.DataFrame:
+           exact: bool = False, **options) -> pd.DataFrame:
     """Top-1/top-2 margin p_t,(1) − p_t,(2) (METRICS.md §10): small margins mean an undecided router.
 
     Columns: [step,] layer, tokens, mean, p05, p25, p50, p75, p95.
     """
     check_options("margin", options, set())
-    return _distribution(store, scope, "margin", histogram, quantiles=quantiles)
+    return _distribution(store, scope, "margin", "margin", histogram, quantiles=quantiles, exact=exact)
 

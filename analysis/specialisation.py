@@ -4,6 +4,10 @@ Legend: E experts, k chosen per token, S_t the experts chosen for token t (slot 
 the top-1). A token is one (checkpoint, step, rank, microbatch, seq, pos) per layer;
 since a token's experts are distinct, counting its rows with expert i counts the
 tokens that have i in S_t, and counting its slot-0 rows counts the tokens.
+
+Domain, co-activation and repetition read the rollups counted at ingest (domain_step,
+coact_step, repeat_step: exact, over every token even when rows are sampled);
+exact=True, and runs stored before rollups, count the recorded routing rows instead.
 """
 from __future__ import annotations
 
@@ -11,14 +15,21 @@ from math import comb
 
 import pandas as pd
 
+from moescope.analysis.health import has_rollups
 from moescope.analysis.query import Scope, check_options, meta_cte, token_key
+
+
+def _use_rollup(store, scope: Scope, table: str, exact) -> bool:
+    if not isinstance(exact, bool):
+        raise ValueError(f"exact must be True or False, got {exact!r}")
+    return not exact and has_rollups(store, scope, table)
 
 
 def _order(scope: Scope, *extra: str) -> str:
     return ", ".join((["step"] if scope.by == "step" else []) + ["layer", *extra])
 
 
-def domain_specialisation(store, scope: Scope, meta: pd.DataFrame, **options) -> pd.DataFrame:
+def domain_specialisation(store, scope: Scope, meta: pd.DataFrame, exact: bool = False, **options) -> pd.DataFrame:
     """Domain specialisation(i, D) = N_k(i, D) / N_D (OLMoE, Muennighoff et al. 2024, Eq. 7).
 
     The share of domain-D tokens that have expert i among their top-k; uniform = k/E.
@@ -28,13 +39,21 @@ def domain_specialisation(store, scope: Scope, meta: pd.DataFrame, **options) ->
     check_options("domain_specialisation", options, set())
     where, params = scope.where()
     sk = scope.step_key
-    return store.sql(f"""
-        WITH meta AS ({meta_cte(meta, scope)}),
+    if _use_rollup(store, scope, "domain_step", exact):
+        counts = f"""
+        ni AS (SELECT {sk} layer, domain, expert, sum(routed) AS routed, sum(top1) AS top1
+               FROM domain_step WHERE {where} GROUP BY ALL),
+        nd AS (SELECT {sk} layer, domain, sum(top1) AS tokens FROM ni GROUP BY ALL),"""
+    else:
+        counts = f"""
         r AS (SELECT {sk} layer, domain, expert, slot FROM routing WHERE {where} AND domain IS NOT NULL),
         nd AS (SELECT {sk} layer, domain, count(*) FILTER (WHERE slot = 0) AS tokens FROM r GROUP BY ALL),
-        ni AS (SELECT {sk} layer, domain, expert, count(*) AS routed FROM r GROUP BY ALL),
+        ni AS (SELECT {sk} layer, domain, expert, count(*) AS routed FROM r GROUP BY ALL),"""
+    return store.sql(f"""
+        WITH meta AS ({meta_cte(meta, scope)}),{counts}
         grid AS (SELECT n.*, unnest(range(m.E)) AS expert, m.k::DOUBLE / m.E AS uniform FROM nd n JOIN meta m USING (layer))
-        SELECT {"g.step, " if sk else ""} g.layer, g.domain, g.expert, g.tokens, coalesce(ni.routed, 0) AS routed,
+        SELECT {"g.step, " if sk else ""} g.layer, g.domain, g.expert, g.tokens::BIGINT AS tokens,
+               coalesce(ni.routed, 0)::BIGINT AS routed,
                coalesce(ni.routed, 0) / nullif(g.tokens, 0) AS share, g.uniform
         FROM grid g LEFT JOIN ni ON ni.layer = g.layer AND ni.domain = g.domain AND ni.expert = g.expert
              {"AND ni.step = g.step" if sk else ""}
@@ -77,7 +96,7 @@ def vocab_specialisation(store, scope: Scope, meta: pd.DataFrame, *, next_token:
                      params + [min_count], run=scope.run)
 
 
-def coactivation(store, scope: Scope, meta: pd.DataFrame, **options) -> pd.DataFrame:
+def coactivation(store, scope: Scope, meta: pd.DataFrame, exact: bool = False, **options) -> pd.DataFrame:
     """Co-activation(i, j) = N(i and j both in S_t) / N(i in S_t) (OLMoE, Muennighoff et al. 2024, Eq. 6).
 
     Asymmetric: normalised by expert i's tokens. Only pairs seen together are listed.
@@ -86,11 +105,16 @@ def coactivation(store, scope: Scope, meta: pd.DataFrame, **options) -> pd.DataF
     check_options("coactivation", options, set())
     where, params = scope.where()
     sk = scope.step_key
-    return store.sql(f"""
-        WITH tok AS (SELECT {sk} layer, list(expert) AS ex FROM routing WHERE {where}
+    if _use_rollup(store, scope, "coact_step", exact):
+        counts = f"""c AS (SELECT {sk} layer, expert_i AS i, expert_j AS j, sum(together)::BIGINT AS n
+                          FROM coact_step WHERE {where} GROUP BY ALL)"""
+    else:
+        counts = f"""tok AS (SELECT {sk} layer, list(expert) AS ex FROM routing WHERE {where}
                      GROUP BY {token_key()}, layer),
         pairs AS (SELECT {sk} layer, i, unnest(ex) AS j FROM (SELECT {sk} layer, unnest(ex) AS i, ex FROM tok)),
-        c AS (SELECT {sk} layer, i, j, count(*) AS n FROM pairs GROUP BY ALL)
+        c AS (SELECT {sk} layer, i, j, count(*) AS n FROM pairs GROUP BY ALL)"""
+    return store.sql(f"""
+        WITH {counts}
         SELECT {"a.step, " if sk else ""} a.layer, a.i AS expert_i, a.j AS expert_j, a.n AS both, d.n AS tokens_i,
                a.n / d.n AS coactivation
         FROM c a JOIN c d ON d.layer = a.layer AND d.i = a.i AND d.j = a.i {"AND d.step = a.step" if sk else ""}
@@ -102,7 +126,7 @@ def repetition_baselines(num_experts: int, top_k: int) -> tuple[float, float]:
     return 1.0 / num_experts, 1.0 - comb(num_experts - top_k, top_k) / comb(num_experts, top_k)
 
 
-def repetition(store, scope: Scope, meta: pd.DataFrame, **options) -> pd.DataFrame:
+def repetition(store, scope: Scope, meta: pd.DataFrame, exact: bool = False, **options) -> pd.DataFrame:
     """Consecutive-token repetition (Mixtral, Jiang et al. 2024, §5), with its random baselines.
 
     Over adjacent positions (pos, pos + 1) of the same sequence: the share whose top-1
@@ -113,6 +137,12 @@ def repetition(store, scope: Scope, meta: pd.DataFrame, **options) -> pd.DataFra
     check_options("repetition", options, set())
     where, params = scope.where()
     sk = scope.step_key
+    if _use_rollup(store, scope, "repeat_step", exact):
+        df = store.sql(f"""
+        SELECT {sk} layer, sum(pairs)::BIGINT AS pairs, sum(top1_repeat) / sum(pairs) AS top1_repeat,
+               sum(topk_overlap) / sum(pairs) AS topk_overlap
+        FROM repeat_step WHERE {where} GROUP BY ALL ORDER BY {_order(scope)}""", params, run=scope.run)
+        return _with_baselines(df, meta)
     df = store.sql(f"""
         WITH tok AS (SELECT {token_key()}, layer, list(expert ORDER BY slot) AS ex FROM routing WHERE {where}
                      GROUP BY {token_key()}, layer),
@@ -121,6 +151,10 @@ def repetition(store, scope: Scope, meta: pd.DataFrame, **options) -> pd.DataFra
         SELECT {sk} layer, count(*) AS pairs, avg((ex[1] = prev[1])::INT) AS top1_repeat,
                avg((len(list_intersect(ex, prev)) > 0)::INT) AS topk_overlap
         FROM adj WHERE prev_pos = pos - 1 GROUP BY ALL ORDER BY {_order(scope)}""", params, run=scope.run)
+    return _with_baselines(df, meta)
+
+
+def _with_baselines(df: pd.DataFrame, meta: pd.DataFrame) -> pd.DataFrame:
     sizes = {int(r.layer): (int(r.E), int(r.k)) for r in meta.itertuples()}
     base = [repetition_baselines(*sizes[int(x)]) if int(x) in sizes else (float("nan"),) * 2 for x in df["layer"]]
     df["top1_baseline"] = [b[0] for b in base]

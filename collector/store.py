@@ -29,7 +29,8 @@ from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 from moescope.collector import metadata as md
 from moescope.collector.alert_records import AlertRecords
 from moescope.frame import Frame
-from moescope.schema import LAYER_FIELDS, TABLES, SchemaError, check_frame_id, check_run_id
+from moescope.collector.rollups import rollups
+from moescope.schema import LAYER_FIELDS, STORED, SchemaError, check_frame_id, check_run_id
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,9 @@ class Store(AlertRecords):
         # Each attempt writes files of its own: a losing concurrent writer of the same
         # frame removes only what it wrote, never the winner's segments.
         attempt = uuid.uuid4().hex[:8]
+        tables = frame.tables if frame.meta.get("rollups") else {**frame.tables, **rollups(frame.tables)}
         try:
-            for name, table in frame.tables.items():
+            for name, table in tables.items():
                 if table.num_rows == 0:
                     continue
                 rel = f"segments/{name}/run={frame.run}/{frame.frame_id}-{attempt}.parquet"
@@ -346,7 +348,7 @@ class Store(AlertRecords):
         return out
 
     def connect(self, run: str | None = None, *, fill_missing: bool = False) -> duckdb.DuckDBPyConnection:
-        """A private in-memory DuckDB with views routing / token_stats / expert_step.
+        """A private in-memory DuckDB with a view per stored table (routing, token_stats, expert_step, rollups).
 
         Scoped to one run when given (only that run's segments are opened). fill_missing:
         contract columns that none of the segments has (they were written before the
@@ -356,7 +358,7 @@ class Store(AlertRecords):
         con = duckdb.connect(":memory:")
         live = self._live_segments(run)
         try:
-            for name, schema in TABLES.items():
+            for name, schema in STORED.items():
                 paths = live.get(name)
                 if paths:
                     src = f"read_parquet({_sql_list(paths)}, union_by_name=true)"
@@ -568,8 +570,8 @@ class Store(AlertRecords):
     def _merge(self, table_name: str, run: str, paths: list[str]) -> int:
         rel = f"segments/{table_name}/run={run}/c-{uuid.uuid4().hex}.parquet"
         # One input segment in memory at a time: compaction must not grow the worker.
-        rows = _atomic_write_parquet_parts((_read_segment(self._inside(p), TABLES[table_name]) for p in paths),
-                                           TABLES[table_name], self._inside(rel), _COMPACT_PARQUET_KW)
+        rows = _atomic_write_parquet_parts((_read_segment(self._inside(p), STORED[table_name]) for p in paths),
+                                           STORED[table_name], self._inside(rel), _COMPACT_PARQUET_KW)
         now = time.time()
         with self.engine.begin() as conn:
             res = conn.execute(update(md.segments).where(md.segments.c.path.in_(paths), md.segments.c.retired_at.is_(None))
@@ -612,7 +614,7 @@ class Store(AlertRecords):
             except StoreError:
                 log.error("store: not deleting %r of run %r: outside the store", p, run)
         check_run_id(run)
-        for folder in [f"segments/{name}/run={run}" for name in TABLES] + [f"checkpoints/{run}"]:
+        for folder in [f"segments/{name}/run={run}" for name in STORED] + [f"checkpoints/{run}"]:
             folder = self._inside(folder)
             if folder.is_dir():
                 shutil.rmtree(folder, ignore_errors=True)
@@ -641,7 +643,7 @@ class Store(AlertRecords):
         live = self._live_segments(run)
         con = duckdb.connect(str(tmp))
         try:
-            for name, schema in TABLES.items():
+            for name, schema in STORED.items():
                 paths = live.get(name)
                 if paths:
                     con.execute(f"CREATE TABLE {name} AS SELECT * FROM read_parquet({_sql_list(paths)}, union_by_name=true)")

@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from moescope.schema import SCHEMA_VERSION, TABLES, SchemaError, check_frame_id, check_run_id, conform
+from moescope.schema import SCHEMA_VERSION, STORED, SchemaError, check_frame_id, check_run_id, conform
 
 MAGIC = b"MOEF"
 _LEN = struct.Struct("<I")
@@ -103,7 +103,7 @@ def decode(data: bytes, *, validate: bool = True, max_rows: int = MAX_TABLE_ROWS
         if not isinstance(entry, dict):
             raise FrameError(f"bad table entry {str(entry)[:80]!r} in frame {header['frame_id']}")
         name, length, rows = entry.get("name"), entry.get("length"), entry.get("rows")
-        if (name not in TABLES or name in seen or not _is_int(length) or length < 0 or offset + length > len(data)
+        if (name not in STORED or name in seen or not _is_int(length) or length < 0 or offset + length > len(data)
                 or not _is_int(rows) or rows < 0):
             raise FrameError(f"bad table entry {str(entry)[:200]} in frame {header['frame_id']}")
         if rows > max_rows:
@@ -216,6 +216,8 @@ def _check_meta(meta: Any) -> None:
                 raise FrameError("frame meta checkpoint names must be 1..200 characters")
     if not isinstance(meta.get("run_config", {}) or {}, dict):
         raise FrameError("frame meta 'run_config' must be an object")
+    if not isinstance(meta.get("rollups", False), bool):
+        raise FrameError("frame meta 'rollups' must be true or false")
 
 
 def _is_int(x: Any) -> bool:

@@ -6,6 +6,18 @@ Tables:
 - expert_step  exact aggregates per (run, checkpoint, step, rank, layer, expert) for ALL
                tokens, even when per-token rows are sampled. Several rows may share a key
                (one per frame); readers always SUM.
+
+Rollups (ROLLUPS) are derived by the store from each frame's per-token tables at write
+time, never accepted from a producer, so the dashboard reads aggregates instead of
+every token. Several rows may share a key (one per frame); readers always SUM.
+- token_step   per (run, checkpoint, step, rank, layer, phase): token count and the sums
+               behind mean entropy, margin and z
+- token_hist   the same key plus stat and bin: a log-bucketed histogram (a mergeable
+               quantile sketch with relative accuracy SKETCH_ALPHA) of entropy, margin, z
+- domain_step  per (…, layer, phase, domain, expert): routed assignments and top-1 tokens
+- coact_step   per (…, layer, phase, expert_i, expert_j): tokens with both among their
+               chosen experts (i = j counts the tokens with i)
+- repeat_step  per (…, layer, phase): adjacent-position pairs and how many repeat
 """
 from __future__ import annotations
 
@@ -82,6 +94,51 @@ EXPERT_STEP = pa.schema(
 
 TABLES: dict[str, pa.Schema] = {"routing": ROUTING, "token_stats": TOKEN_STATS, "expert_step": EXPERT_STEP}
 
+# Rollup key: a frame's context, layer and phase (probe-set rows are rolled up with the rest).
+_ROLLUP_KEY = _CONTEXT + [pa.field("layer", pa.int16(), nullable=False), _PHASE]
+# Quantile sketch (DDSketch, Masson et al. 2019): value x > SKETCH_MIN falls in bin
+# ceil(log_gamma x), gamma = (1 + a) / (1 - a); the bin's estimate 2 gamma^b / (gamma + 1)
+# is within a relative a of every value in it. Values <= SKETCH_MIN share SKETCH_ZERO_BIN.
+SKETCH_ALPHA = 0.02
+SKETCH_GAMMA = (1 + SKETCH_ALPHA) / (1 - SKETCH_ALPHA)
+SKETCH_MIN = 1e-6
+SKETCH_ZERO_BIN = -32768
+SKETCH_STATS = ("entropy", "margin", "z")
+
+ROLLUPS: dict[str, pa.Schema] = {
+    "token_step": pa.schema(_ROLLUP_KEY + [
+        pa.field("tokens", pa.int64(), nullable=False),
+        pa.field("entropy_sum", pa.float64(), nullable=True),
+        pa.field("margin_sum", pa.float64(), nullable=True),
+        pa.field("z_tokens", pa.int64(), nullable=False),    # tokens with finite logsumexp
+        pa.field("z_sum", pa.float64(), nullable=True),      # sum of logsumexp² over those
+    ]),
+    "token_hist": pa.schema(_ROLLUP_KEY + [
+        pa.field("stat", pa.string(), nullable=False),       # one of SKETCH_STATS
+        pa.field("bin", pa.int16(), nullable=False),
+        pa.field("tokens", pa.int64(), nullable=False),
+    ]),
+    "domain_step": pa.schema(_ROLLUP_KEY + [
+        pa.field("domain", pa.string(), nullable=False),
+        pa.field("expert", pa.int16(), nullable=False),
+        pa.field("routed", pa.int64(), nullable=False),      # (token, slot) rows with this expert
+        pa.field("top1", pa.int64(), nullable=False),        # of those, slot 0
+    ]),
+    "coact_step": pa.schema(_ROLLUP_KEY + [
+        pa.field("expert_i", pa.int16(), nullable=False),
+        pa.field("expert_j", pa.int16(), nullable=False),
+        pa.field("together", pa.int64(), nullable=False),  # tokens with both among their chosen
+    ]),
+    "repeat_step": pa.schema(_ROLLUP_KEY + [
+        pa.field("pairs", pa.int64(), nullable=False),       # adjacent positions both recorded
+        pa.field("top1_repeat", pa.int64(), nullable=False),
+        pa.field("topk_overlap", pa.int64(), nullable=False),
+    ]),
+}
+
+# Everything the store keeps as segments: what frames carry, then what it derives.
+STORED: dict[str, pa.Schema] = {**TABLES, **ROLLUPS}
+
 
 # What a frame's meta["layers"] entry holds about one MoE layer (the store's `layers` table).
 LAYER_FIELDS = ("layer", "module_path", "num_experts", "top_k", "router_kind", "capacity_factor")
@@ -93,9 +150,9 @@ def conform(name: str, table: pa.Table) -> pa.Table:
     A missing nullable column (one added to the contract after the table was written)
     is filled with nulls, so older frames and segments still load.
     """
-    schema = TABLES.get(name)
+    schema = STORED.get(name)
     if schema is None:
-        raise SchemaError(f"unknown table {name!r}; expected one of {sorted(TABLES)}")
+        raise SchemaError(f"unknown table {name!r}; expected one of {sorted(STORED)}")
     for field in schema:
         if field.nullable and field.name not in table.column_names:
             table = table.append_column(field.name, pa.nulls(table.num_rows, field.type))

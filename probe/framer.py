@@ -24,7 +24,9 @@ from moescope.frame import Frame
 from moescope.probe.capture import (AGG_DROPPED, AGG_NUM_TOKENS, AGG_PROB, AGG_TOKENS, AGG_TOP1, AGG_WEIGHT,
                                     CallTensors)
 from moescope.probe.adapters.base import RouterSite
+from moescope.probe.rollups import RollupAccumulator
 from moescope.schema import EXPERT_STEP, LAYER_FIELDS, ROUTING, TOKEN_STATS, conform
+from moescope.token_texts import TextRecorder
 
 log = logging.getLogger("moescope.probe")
 
@@ -131,12 +133,14 @@ class Framer:
     """Accumulates forwards into pending tables and cuts numbered frames."""
 
     def __init__(self, run: str, producer: str, sites: list[RouterSite], sample_rate: float, seed: int = 0,
-                 run_config: dict | None = None):
+                 run_config: dict | None = None, tokenizer: Any = None):
+        self._texts = TextRecorder(tokenizer) if tokenizer is not None else None  # TypeError on a wrong object
         self.run, self.producer, self.sample_rate, self.seed = run, producer, float(sample_rate), seed
         self.next_seq = 0
         self._routing: list[pa.Table] = []
         self._token_stats: list[pa.Table] = []
         self._expert: dict[tuple, np.ndarray] = {}
+        self._rollups = RollupAccumulator()
         self._experts_of: dict[int, int] = {}
         self._layers_to_send = [layer_meta(s) for s in sites]
         self._checkpoints: list[dict] = []
@@ -163,13 +167,17 @@ class Framer:
         domain_values, domain_B = self._domains(rec)
         routing, stats = [], []
         for sr in rec.sites:
+            key = (rec.checkpoint, rec.step, rec.rank, rec.phase, sr.site.layer)
             for call in sr.calls or ():
+                self._roll_up(key, call, tokens, domain_values, domain_B)
                 chunk = self._call_columns(call, sr.site.layer, tokens, keep_B, domain_B)
                 if chunk is not None:
                     routing.append(chunk[0])
                     stats.append(chunk[1])
         if not routing:
             return 0
+        if self._texts is not None:
+            self._texts.add(np.concatenate([p["token_id"] for p in routing]))
         added = 0
         for parts, schema, sink in ((routing, ROUTING, self._routing), (stats, TOKEN_STATS, self._token_stats)):
             cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -210,6 +218,13 @@ class Framer:
             if d is not None:
                 domain_B[i] = lookup[str(d)]
         return values, domain_B
+
+    def _roll_up(self, key, call: CallTensors, tokens: TokenMap, domain_values, domain_B) -> None:
+        ids_TK = call.expert_ids_TK.numpy()
+        seq_T, pos_T, _, valid_T = tokens.for_tokens(ids_TK.shape[0])
+        self._rollups.add_call(key, ids_TK, call.stats_T3.numpy(), seq_T, pos_T, valid_T,
+                               domain_B[np.minimum(seq_T, tokens.batch - 1)], domain_values,
+                               self._experts_of.get(key[-1], 0))
 
     @staticmethod
     def _call_columns(call: CallTensors, layer: int, tokens: TokenMap, keep_B, domain_B):
@@ -254,20 +269,30 @@ class Framer:
             cols["phase"] += [phase] * e
         return pa.table(cols, schema=EXPERT_STEP)
 
+    def give_back_texts(self, frame: Frame) -> None:
+        """The token texts of a frame the sink did not take go with the next frame."""
+        if self._texts is not None:
+            self._texts.give_back(frame.meta.get("token_texts", []))
+
     def emit(self, *, final: bool = False, dropped_seqs: list[int] | None = None, extra_meta: dict | None = None) -> Frame:
         """Cut the pending data into the next frame (its seq is this producer's next number)."""
         tables = {
             "routing": conform("routing", pa.concat_tables(self._routing)) if self._routing else ROUTING.empty_table(),
             "token_stats": conform("token_stats", pa.concat_tables(self._token_stats)) if self._token_stats else TOKEN_STATS.empty_table(),
             "expert_step": self.expert_table(),
+            **self._rollups.tables(self.run),
         }
-        meta: dict[str, Any] = {}
+        # The store derives rollups for frames that do not say they carry them.
+        meta: dict[str, Any] = {"rollups": True}
         if self._layers_to_send:
             meta["layers"] = self._layers_to_send
         if self._checkpoints:
             meta["checkpoints"] = self._checkpoints
         if self._run_config is not None and self.next_seq == 0:
             meta["run_config"] = self._run_config
+        texts = self._texts.take() if self._texts is not None else []
+        if texts:
+            meta["token_texts"] = texts
         if extra_meta:
             meta.update(extra_meta)
         frame = Frame(run=self.run, producer=self.producer, seq=self.next_seq, tables=tables,

@@ -5,6 +5,14 @@ import numpy as np
 import pytest
 
 from moescope.analysis import compute_metric
+from moescope.schema import SKETCH_ALPHA
+
+
+def within_sketch(estimate: float, values: np.ndarray, q: float) -> bool:
+    """The sketch's q-quantile lies within a relative SKETCH_ALPHA of the order statistic at rank q·(n − 1)."""
+    v = np.sort(values)
+    lo, hi = v[math.floor(q * (len(v) - 1))], v[math.ceil(q * (len(v) - 1))]
+    return lo * (1 - SKETCH_ALPHA) - 1e-9 <= estimate <= hi * (1 + SKETCH_ALPHA) + 1e-9
 
 
 def test_uniform_router_entropy_is_ln_e_and_margin_zero(synth):
@@ -26,14 +34,21 @@ def test_entropy_z_and_margin_match_numpy_per_step(synth):
     ls = [x for s in steps for x in s.layers if x.layer == 2]
     p = [x.probs_TE for x in ls]
     ent = compute_metric(store, "entropy", "synth", layers=[2])
-    assert np.allclose(ent["mean"], [-(q * np.log(q)).sum(1).mean() for q in p], rtol=1e-5)
-    assert np.allclose(ent.p50, [np.median(-(q * np.log(q)).sum(1)) for q in p], rtol=1e-5)
+    per_token = [-(q * np.log(q)).sum(1) for q in p]
+    assert np.allclose(ent["mean"], [h.mean() for h in per_token], rtol=1e-5)
+    for col, q in (("p05", 0.05), ("p50", 0.5), ("p95", 0.95)):  # from the rollup's sketch
+        assert all(within_sketch(e, h, q) for e, h in zip(ent[col], per_token)), col
+    exact = compute_metric(store, "entropy", "synth", layers=[2], exact=True)  # sorts the recorded rows
+    assert np.allclose(exact.p50, [np.median(h) for h in per_token], rtol=1e-5)
+    assert np.allclose(exact["mean"], ent["mean"]) and (exact.tokens == ent.tokens).all()
     z = compute_metric(store, "z", "synth", layers=[2], by="window")
     lse = np.concatenate([np.log(np.exp(x.logits_TE).sum(1)) for x in ls])
     assert z["mean"].iloc[0] == pytest.approx((lse ** 2).mean(), rel=1e-5)
+    assert within_sketch(z.p95.iloc[0], lse ** 2, 0.95)
     mg = compute_metric(store, "margin", "synth", layers=[2], by="window")
     top2 = np.concatenate([-np.sort(-q, 1)[:, :2] for q in p])
     assert mg["mean"].iloc[0] == pytest.approx((top2[:, 0] - top2[:, 1]).mean(), rel=1e-5)
+    assert within_sketch(mg.p25.iloc[0], top2[:, 0] - top2[:, 1], 0.25)
 
 
 def test_entropy_histogram_counts_every_token(synth):
@@ -50,3 +65,9 @@ def test_mean_only_entropy_equals_the_mean_of_the_full_distribution(synth):
     assert np.allclose(full["mean"], mean_only["mean"]) and (full.tokens == mean_only.tokens).all()
     with pytest.raises(ValueError, match="quantiles must be True or False"):
         compute_metric(store, "entropy", "synth", quantiles="no")
+
+
+def test_exact_must_be_a_bool(synth):
+    store, _ = synth
+    with pytest.raises(ValueError, match="exact must be True or False"):
+        compute_metric(store, "margin", "synth", exact="yes")
