@@ -1,4 +1,4 @@
-"""Relational metadata (SQLAlchemy): runs, checkpoints, layers, segments, probe sets, ledger, alerts.
+"""Relational metadata (SQLAlchemy): runs, checkpoints, layers, token texts, segments, probe sets, ledger, alerts.
 
 SQLite file by default, PostgreSQL in production; the same code serves both.
 """
@@ -12,6 +12,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
+
+from moescope.token_texts import MAX_TEXT_CHARS
 
 metadata = MetaData()
 
@@ -65,6 +67,14 @@ probe_sets = Table(
     Column("source", Text, nullable=False),
     Column("content_hash", String(64), nullable=False),
     Column("path", String(500), nullable=False),
+)
+
+# The text of each token id a run's tokenizer gave (the first text stored wins), to show top tokens as text.
+token_texts = Table(
+    "token_texts", metadata,
+    Column("run", String(200), primary_key=True),
+    Column("token_id", Integer, primary_key=True),
+    Column("text", String(MAX_TEXT_CHARS), nullable=False),
 )
 
 # Segments found unreadable (corrupt or missing files): out of every query, reported by `check`.

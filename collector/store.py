@@ -190,6 +190,19 @@ class Store(AlertRecords):
                     pass
         for ckpt in frame.meta.get("checkpoints", []):
             self._upsert_checkpoint(conn, frame.run, ckpt["checkpoint"], ckpt.get("step"), ckpt.get("path"))
+        texts = {int(i): text for i, text in frame.meta.get("token_texts", [])}
+        if texts:  # the first text of an id wins; at most MAX_TEXTS_PER_RUN per run, whatever producers send
+            from sqlalchemy.dialects import postgresql, sqlite
+
+            from moescope.token_texts import MAX_TEXTS_PER_RUN
+
+            t = md.token_texts
+            stored = conn.execute(select(func.count()).select_from(t).where(t.c.run == frame.run)).scalar_one()
+            rows = [{"run": frame.run, "token_id": i, "text": text} for i, text in texts.items()]
+            rows = rows[:max(0, MAX_TEXTS_PER_RUN - stored)]
+            if rows:  # another worker may store the same ids of the run at the same time: theirs stand
+                dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+                conn.execute(dialect.insert(t).on_conflict_do_nothing(), rows)
 
     def _upsert_checkpoint(self, conn, run, checkpoint, step, path) -> None:
         key = (md.checkpoints.c.run == run) & (md.checkpoints.c.checkpoint == checkpoint)
@@ -269,6 +282,21 @@ class Store(AlertRecords):
         with self.engine.connect() as conn:
             rows = conn.execute(select(md.layers).where(md.layers.c.run == run).order_by(md.layers.c.layer)).all()
         return pd.DataFrame(rows, columns=[c.name for c in md.layers.columns])
+
+    def token_texts(self, run: str, token_ids: Iterable[int] | None = None) -> dict[int, str]:
+        """The text of the run's token ids (those given, else every one) as its tokenizer gave them at attach
+        time; ids it recorded no text for are absent."""
+        self.require_run(run)
+        t = md.token_texts
+        query = select(t.c.token_id, t.c.text).where(t.c.run == run)
+        with self.engine.connect() as conn:
+            if token_ids is None:
+                return dict(conn.execute(query).all())
+            ids = sorted({int(i) for i in token_ids})
+            out: dict[int, str] = {}
+            for i in range(0, len(ids), 1000):  # bounded IN lists
+                out.update(conn.execute(query.where(t.c.token_id.in_(ids[i:i + 1000]))).all())
+            return out
 
     # ---------------------------------------------------------------- probe sets
     def register_probe_set(self, name: str, probe_set) -> dict:

@@ -15,6 +15,7 @@ import torch
 
 from moescope.collector.store import Store, check_run_id
 from moescope.probe_sets import CORPUS_SEED as PROBE_SET_SEED  # held-out sequences, a seed disjoint from training
+from moescope.token_texts import ByteTokenizer
 
 
 def demo_model_config(backend: str = "torch"):
@@ -46,7 +47,7 @@ def run_demo(store: Store, *, steps: int = 60, run: str | None = None, seed: int
     store.add_checkpoint(run, "step-0", 0, str(saved[0][2]))
     tokens = 0
     model.train()
-    with attach(model, sink=f"local:{store.root}", run=run, checkpoint="step-0", step=0) as probe:
+    with attach(model, sink=f"local:{store.root}", run=run, checkpoint="step-0", step=0, tokenizer=ByteTokenizer()) as probe:
         bar = tqdm(range(1, steps + 1), desc=f"training {run}", unit="step", disable=not progress)
         for step in bar:
             input_ids, attention_mask, domains = next(stream)
@@ -85,7 +86,8 @@ def replay_checkpoints(store: Store, run: str, saved: list[tuple[str, int, Path]
     tokens = 0
     for ckpt, step, path in tqdm(saved, desc="replaying probe set", unit="ckpt", disable=not progress):
         model, _ = load_reference_checkpoint(path)
-        tokens += replay(model, store, name, run=run, checkpoint=ckpt, step=step, path=str(path), batch_size=64)["tokens"]
+        tokens += replay(model, store, name, run=run, checkpoint=ckpt, step=step, path=str(path), batch_size=64,
+                         tokenizer=ByteTokenizer())["tokens"]
     return tokens
 
 

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from moescope.schema import SCHEMA_VERSION, STORED, SchemaError, check_frame_id, check_run_id, conform
+from moescope.token_texts import check_entries as check_token_texts
 
 MAGIC = b"MOEF"
 _LEN = struct.Struct("<I")
@@ -216,6 +217,10 @@ def _check_meta(meta: Any) -> None:
                 raise FrameError("frame meta checkpoint names must be 1..200 characters")
     if not isinstance(meta.get("run_config", {}) or {}, dict):
         raise FrameError("frame meta 'run_config' must be an object")
+    try:
+        check_token_texts(meta.get("token_texts", []))
+    except ValueError as exc:
+        raise FrameError(str(exc)) from None
     if not isinstance(meta.get("rollups", False), bool):
         raise FrameError("frame meta 'rollups' must be true or false")
 

@@ -29,6 +29,7 @@ from moescope.probe.context import ForwardInputs, InputReader, StepContext, chec
 from moescope.probe.framer import ForwardRecord, Framer, SiteRecord, default_producer
 from moescope.probe.placement import device_map_config
 from moescope.probe.sinks import MemorySink, Sink, make_sink
+from moescope.token_texts import check_tokenizer
 
 log = logging.getLogger("moescope.probe")
 
@@ -75,7 +76,7 @@ class Probe:
                  spec: Any = None, max_host_bytes: int = 256 << 20, producer: str | None = None,
                  sites: list[tuple[Adapter, RouterSite]] | None = None, frame_interval_s: float = 1.0,
                  frame_rows: int = 1 << 20, seed: int = 0, watch: Any = None, expert_devices: Any = None,
-                 ep_size: int | None = None):
+                 ep_size: int | None = None, tokenizer: Any = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
         check_run_id(run)
@@ -87,6 +88,8 @@ class Probe:
             raise ValueError(f"max_host_bytes must be positive, got {max_host_bytes!r}")
         if _capturing():
             raise CudaGraphCaptureError(CUDA_GRAPH_MESSAGE)
+        if tokenizer is not None:
+            check_tokenizer(tokenizer)  # TypeError naming what a tokenizer needs
         if sites is None:
             from moescope.probe.adapters import discover
 
@@ -111,7 +114,8 @@ class Probe:
         self._copier = HostCopier()
         self.framer = Framer(run, self.producer, [s.site for _, s in self._pairs], self.sample_rate, seed,
                              run_config={"probe": {"producer": self.producer, "sample_rate": self.sample_rate,
-                                                   "adapters": sorted({getattr(a, "name", type(a).__name__) for a, _ in self._pairs})}, **devices})
+                                                   "adapters": sorted({getattr(a, "name", type(a).__name__) for a, _ in self._pairs})}, **devices},
+                             tokenizer=tokenizer)
         self.framer.add_checkpoint(checkpoint, int(step))
         self._queue: queue.Queue = queue.Queue()  # unbounded in items; bytes are bounded by the budget
         self._budget_lock = threading.Lock()
@@ -483,6 +487,7 @@ class Probe:
                         self.framer._layers_to_send.append(entry)
                     else:
                         self.framer._checkpoints.append(entry)
+            self.framer.give_back_texts(frame)
             self._fail("sink", exc)
             return
         finally:
@@ -508,7 +513,9 @@ def attach(model: nn.Module, sink: str | Sink | None = "local", run: str = "defa
     see moescope.probe.adapters.watch); frame_interval_s, frame_rows, seed; expert_devices= (the device
     of each expert: a list for every layer or {layer: list}, an entry a list of devices for replicas) or
     ep_size=N (contiguous), recorded with the run for per-device load (default: read from Megatron-Core's
-    or DeepSpeed's expert-parallel group where the model has one; see moescope.device_map).
+    or DeepSpeed's expert-parallel group where the model has one; see moescope.device_map); tokenizer= (a
+    Hugging Face tokenizer or any object with decode / convert_ids_to_tokens) records the text of each token
+    id the first time it is seen, so pages show tokens as text (moescope.token_texts).
     """
     return Probe(model, sink=sink, run=run, checkpoint=checkpoint, step=step, rank=rank, sample_rate=sample_rate,
                  spec=spec, max_host_bytes=max_host_bytes, producer=producer, **options)

@@ -30,12 +30,13 @@ class ReplayError(ValueError):
 
 
 def replay(model: nn.Module, store, probe_set: str, *, run: str, checkpoint: str, step: int | None = None,
-           path: str | None = None, batch_size: int = 16, spec=None) -> dict:
+           path: str | None = None, batch_size: int = 16, spec=None, tokenizer=None) -> dict:
     """Run every sequence of `probe_set` through `model` and record its routing as `checkpoint` of `run`.
 
     step: the checkpoint's training step (default: the step it is registered with in the
     run). A checkpoint already replayed through this probe set is refused, so its rows
-    are never counted twice. Returns {"checkpoint", "step", "sequences", "tokens", "layers"}.
+    are never counted twice. tokenizer: as attach() takes it, to record the text of the set's tokens.
+    Returns {"checkpoint", "step", "sequences", "tokens", "layers"}.
     """
     ps = store.probe_set(probe_set)  # UnknownProbeSet names the registered ones
     check_run_id(run)
@@ -52,7 +53,7 @@ def replay(model: nn.Module, store, probe_set: str, *, run: str, checkpoint: str
     sink = LocalSink(store.root, store.database_url)
     try:
         with attach(model, sink=sink, run=run, checkpoint=checkpoint, step=step, sample_rate=1.0, spec=spec,
-                    producer=f"replay-{probe_set}-{uuid.uuid4().hex[:12]}") as probe:
+                    tokenizer=tokenizer, producer=f"replay-{probe_set}-{uuid.uuid4().hex[:12]}") as probe:
             with torch.no_grad():
                 for first, ids_BS, mask_BS, domains in ps.batches(batch_size):
                     probe.set_probe_set(probe_set, first)

@@ -13,7 +13,6 @@ from moescope.dashboard.pages import common
 
 PATH, NAME, PREFIX = "/specialisation", "Specialisation", "spec"
 TOP_TOKENS = 8
-BYTE_VOCAB = 256  # the reference model reads bytes: ids below this decode to text
 
 
 def layout(**query) -> html.Div:
@@ -35,21 +34,24 @@ def layout(**query) -> html.Div:
                        "the expert most often.", controls, body, problems, search, PATH)
 
 
-def token_text(token_id: int, as_bytes: bool) -> str:
-    """A token as the reader knows it: the byte's character for byte-level models, the id otherwise."""
-    if as_bytes and 0 <= token_id < BYTE_VOCAB:
-        ch = chr(token_id)
-        # Bytes past ASCII are pieces of multi-byte UTF-8 characters: shown as hex.
-        return repr(ch) if token_id < 128 and ch.isprintable() else f"0x{token_id:02x}"
-    return f"#{token_id}"
+def token_text(token_id: int, texts: dict[int, str]) -> str:
+    """A token as the reader knows it: the text its tokenizer gave, quoted so spaces show; else its id."""
+    text = texts.get(int(token_id))
+    return repr(text) if text is not None else f"#{token_id}"
 
 
-def top_tokens(vocab: pd.DataFrame, experts: int, as_bytes: bool) -> pd.DataFrame:
-    """Per expert, its TOP_TOKENS ids by share of their occurrences (ties: the more frequent id)."""
+def top_ids(vocab: pd.DataFrame) -> pd.DataFrame:
+    """Per expert, its TOP_TOKENS rows by share of their occurrences (ties: the more frequent id)."""
+    return vocab.sort_values(["share", "tokens"], ascending=False, kind="stable").groupby("expert").head(TOP_TOKENS)
+
+
+def top_tokens(vocab: pd.DataFrame, experts: int, texts: dict[int, str]) -> pd.DataFrame:
+    """Per expert, its top tokens as text (token_text) with their shares."""
     rows = []
+    top = top_ids(vocab)
     for expert in range(experts):
-        part = vocab[vocab["expert"] == expert].sort_values(["share", "tokens"], ascending=False).head(TOP_TOKENS)
-        text = "  ".join(f"{token_text(int(t), as_bytes)} ({s:.0%})" for t, s in zip(part["token_id"], part["share"]))
+        part = top[top["expert"] == expert]
+        text = "  ".join(f"{token_text(int(t), texts)} ({s:.0%})" for t, s in zip(part["token_id"], part["share"]))
         rows.append({"expert": expert, "tokens": text or "— (no token routed here often enough)"})
     return pd.DataFrame(rows, columns=["expert", "tokens"])
 
@@ -143,10 +145,11 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
             tops = html.P(f"no token seen at least {count} times in this scope; lower the minimum count",
                           className="muted")
         else:
-            as_bytes = int(vocab["token_id"].max()) < BYTE_VOCAB
-            table = top_tokens(vocab, E, as_bytes)
+            texts = ctx.store.token_texts(run, top_ids(vocab)["token_id"])
+            table = top_tokens(vocab, E, texts)
             tops = html.Table([html.Thead(html.Tr([html.Th("expert"), html.Th(
-                "top tokens (share of their occurrences routed here)" + ("" if as_bytes else ", as token ids"))])),
+                "top tokens (share of their occurrences routed here)" + ("" if texts else
+                ", as token ids: the run recorded no token text (attach(..., tokenizer=...) records it)"))])),
                 html.Tbody([html.Tr([html.Td(r.expert), html.Td(r.tokens, className="tokens")])
                             for r in table.itertuples()])], id="spec-top-tokens-table", className="table")
 

@@ -16,6 +16,7 @@ import torch
 from moescope.kernels import MoEConfig, MoETransformer
 from moescope.scenarios.report import Context, Report
 from moescope.scenarios.training import Setup, train
+from moescope.token_texts import ByteTokenizer
 
 SETUP = Setup(moe=MoEConfig(num_experts=8, top_k=2, score="softmax", aux_loss_coef=1e-2))
 CHECKPOINTS = 6
@@ -42,7 +43,8 @@ def run(ctx: Context, *, setup: Setup = SETUP, checkpoints: int = CHECKPOINTS) -
     model = MoETransformer.from_config(setup.model_config())
     for checkpoint, step, path in trained.checkpoints:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        replay(model, ctx.store, probe_set, run=name, checkpoint=checkpoint, step=step, path=str(path))
+        replay(model, ctx.store, probe_set, run=name, checkpoint=checkpoint, step=step, path=str(path),
+               tokenizer=ByteTokenizer())
     saturation = ctx.metric("saturation", run=name, probe_set=probe_set)
     fluctuation = ctx.metric("fluctuation", run=name, probe_set=probe_set)
     table = (saturation.groupby(["checkpoint", "step"], as_index=False, sort=False)

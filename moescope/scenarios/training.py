@@ -21,6 +21,7 @@ from moescope.collector.store import Store, StoreError
 from moescope.demo import PROBE_SET_SEED, train_step
 from moescope.kernels import MoEConfig, ModelConfig, MoETransformer
 from moescope.scenarios.report import ScenarioError
+from moescope.token_texts import ByteTokenizer
 
 Batch = tuple[Tensor, Tensor, list[str]]  # input_ids_BS, attention_mask_BS, domains
 
@@ -67,7 +68,8 @@ class Recorder:
         # One producer per attachment: frame sequence numbers restart with each probe.
         producer = f"scenario-{run}-{checkpoint}-{len(self.producers)}"
         self.producers.append(producer)
-        with attach(model, sink=self.sink, run=run, checkpoint=checkpoint, step=step, producer=producer) as probe:
+        with attach(model, sink=self.sink, run=run, checkpoint=checkpoint, step=step, producer=producer,
+                    tokenizer=ByteTokenizer()) as probe:  # the reference model reads bytes
             yield probe
         self.confirm(run)
 

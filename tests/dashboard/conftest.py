@@ -15,6 +15,7 @@ import pytest
 from moescope.analysis.store import AnalysisStore as Store
 from moescope.frame import Frame
 from moescope.schema import EXPERT_STEP, ROUTING, TOKEN_STATS
+from moescope.token_texts import ByteTokenizer, texts_for
 
 RUN = "synthetic"
 LAYERS, E, K, STEPS, SEQS, POSITIONS = (0, 1), 4, 2, 5, 2, 16
@@ -65,7 +66,9 @@ def make_frame(step: int, rng: np.random.Generator, producer: str = "p0", run: s
               "expert_step": pa.Table.from_pylist(agg, schema=EXPERT_STEP)}
     meta = {"layers": [{"layer": layer, "module_path": f"layers.{layer}.mlp.router", "num_experts": E, "top_k": K,
                         "router_kind": "softmax-topk", "capacity_factor": None} for layer in LAYERS],
-            "checkpoints": [{"checkpoint": checkpoint, "step": 0 if step < 3 else 3}]}
+            "checkpoints": [{"checkpoint": checkpoint, "step": 0 if step < 3 else 3}],
+            # What the probe sends for the reference model's bytes (attach(..., tokenizer=ByteTokenizer())).
+            "token_texts": [[i, t] for i, t in texts_for(ByteTokenizer(), sorted({r["token_id"] for r in routing})).items()]}
     return Frame(run=run, producer=producer, seq=step, tables=tables, meta=meta, final=step == STEPS - 1)
 
 
