@@ -9,7 +9,7 @@ from fastapi.responses import PlainTextResponse, RedirectResponse
 
 from moescope.collector.store import Store
 from moescope.dashboard import docs, prometheus
-from moescope.dashboard.api import alerts, metrics, runs, whatif
+from moescope.dashboard.api import alerts, devices, metrics, runs, whatif
 from moescope.dashboard.dash_app import create_dash
 from moescope.dashboard.deps import StoreDep
 from moescope.settings import Settings, get_settings
@@ -30,7 +30,7 @@ def create_app(store: Store, settings: Settings | None = None, *, refresh_ms: in
     docs.mount_docs(app)  # Swagger UI and ReDoc from local files, not a CDN
     app.state.store = store
     app.state.settings = settings if settings is not None else get_settings()
-    for module in (runs, metrics, alerts, whatif):
+    for module in (runs, metrics, alerts, whatif, devices):
         app.include_router(module.router)
 
     @app.get("/", include_in_schema=False)

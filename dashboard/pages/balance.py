@@ -1,5 +1,6 @@
 """Balance: MaxVio, CV, Switch score and drop rate over steps (runs overlaid, EMA smoothing),
-a layer × step MaxVio heatmap to drill into a layer, and that layer's expert × step load."""
+a layer × step MaxVio heatmap to drill into a layer, that layer's expert × step load, and the load
+per device under the run's recorded expert -> device map (balance_devices)."""
 from __future__ import annotations
 
 import dash
@@ -8,7 +9,7 @@ from dash import Input, Output, State, dcc, html
 
 from moescope.analysis import compute_metric
 from moescope.dashboard import figures, state, summaries
-from moescope.dashboard.pages import common
+from moescope.dashboard.pages import balance_devices, common
 
 PATH, NAME, PREFIX = "/balance", "Balance", "balance"
 LINE_CHARTS = {  # metric -> (column, title, y axis)
@@ -30,7 +31,7 @@ def layout(**query) -> html.Div:
                                                                       "value": "1"}],
                                        value=["1"] if fixed else []), className="picker")]
     body = [html.Div(className="row", children=[common.graph(f"balance-{m}", className="half") for m in LINE_CHARTS]),
-            common.graph("balance-layer-heatmap"), common.graph("balance-expert-heatmap")]
+            common.graph("balance-layer-heatmap"), common.graph("balance-expert-heatmap"), balance_devices.row()]
     search = state.search(runs=view.runs, layer=view.layer, step_min=view.step_min, step_max=view.step_max,
                           smoothing=view.smoothing, fixed_scale="1" if fixed else None, ranks=view.ranks)
     return common.page(PREFIX, "Balance", "Expert load balance over steps. Leave the layer empty for the mean over "
@@ -68,6 +69,7 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
     common.register_drill_down(app, "balance-layer-heatmap", "balance-layer")
     common.register_run_options(app, ctx, PREFIX, multi=True)
     common.register_rank_options(app, ctx, PREFIX)
+    balance_devices.register(app, ctx)
     common.register_url_sync(app, PREFIX, PATH, {
         "runs": "balance-runs", "layer": "balance-layer", "step_min": "balance-step-min",
         "step_max": "balance-step-max", "smoothing": "balance-smoothing", "fixed_scale": "balance-fixed",
