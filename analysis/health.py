@@ -3,9 +3,10 @@
 Each metric is a per-token value; reported as mean and quantiles per layer (per step
 with by="step"), or as a histogram with histogram=B bins.
 
-By default they read the rollups counted at ingest (token_step, token_hist): the mean
-is exact and the quantiles come from a mergeable sketch within a relative 2% of the
-true value (moescope.sketch), over every token even when per-token rows are sampled.
+By default they read the rollups counted at ingest (token_step, token_hist), over every
+token even when per-token rows are sampled: the mean is exact; quantiles are exact where
+one rollup row holds the (step, layer) (one rank, one frame), and otherwise come from a
+mergeable sketch within a relative 2% of the true value (moescope.sketch).
 exact=True sorts the recorded per-token rows instead; so do runs stored before rollups.
 """
 from __future__ import annotations
@@ -37,21 +38,29 @@ def _from_rollups(store, scope: Scope, stat: str, quantiles: bool) -> pd.DataFra
     sk = scope.step_key
     order = ("step, " if sk else "") + "layer"
     n_col, sum_col = _ROLLUP[stat]
-    means = f"""SELECT {sk} layer, sum({n_col})::BIGINT AS tokens, sum({sum_col}) / sum({n_col}) AS mean
+    names = [f"p{int(round(q * 100)):02d}" for q in QUANTILES]
+    exact = "".join(f", any_value({stat}_{n}) AS {n}" for n in names)
+    means = f"""SELECT {sk} layer, sum({n_col})::BIGINT AS tokens, sum({sum_col}) / sum({n_col}) AS mean,
+                       count(*) AS parts{exact if quantiles else ""}
                 FROM token_step WHERE {where} GROUP BY ALL HAVING sum({n_col}) > 0"""
     if not quantiles:
-        return store.sql(f"{means} ORDER BY {order}", params, run=scope.run)
-    # The q-quantile is the bin holding rank q·(N − 1): the first whose cumulative count exceeds it.
+        return store.sql(f"{means} ORDER BY {order}", params, run=scope.run).drop(columns="parts")
+    # A (step, layer) in one row (one rank, one frame) has its exact quantiles there. Merged
+    # ones read the sketch: the q-quantile is the bin holding rank q·(N − 1), the first whose
+    # cumulative count exceeds it.
     picks = ", ".join(f"min(bin) FILTER (WHERE cum > {q} * (total - 1)) AS b{i}" for i, q in enumerate(QUANTILES))
-    values = ", ".join(f"{bin_value_sql(f'b{i}')} AS p{int(round(q * 100)):02d}" for i, q in enumerate(QUANTILES))
+    values = ", ".join(f"CASE WHEN m.parts = 1 THEN m.{n} ELSE {bin_value_sql(f'b{i}')} END AS {n}"
+                       for i, n in enumerate(names))
     return store.sql(f"""
         WITH m AS ({means}),
-        h AS (SELECT {sk} layer, bin, sum(tokens) AS n FROM token_hist WHERE stat = ? AND {where} GROUP BY ALL),
+        multi AS (SELECT {sk} layer FROM m WHERE parts > 1),
+        h AS (SELECT {sk} layer, bin, sum(tokens) AS n FROM token_hist SEMI JOIN multi USING ({sk} layer)
+              WHERE stat = ? AND {where} GROUP BY ALL),
         c AS (SELECT *, sum(n) OVER (PARTITION BY {sk} layer ORDER BY bin) AS cum,
                         sum(n) OVER (PARTITION BY {sk} layer) AS total FROM h),
         b AS (SELECT {sk} layer, {picks} FROM c GROUP BY ALL)
-        SELECT m.*, {values} FROM m LEFT JOIN b USING ({sk} layer) ORDER BY {order}""",
-                     params + [stat] + params, run=scope.run)
+        SELECT {"m.step, " if sk else ""} m.layer, m.tokens, m.mean, {values}
+        FROM m LEFT JOIN b USING ({sk} layer) ORDER BY {order}""", params + [stat] + params, run=scope.run)
 
 
 def _distribution(store, scope: Scope, stat: str, value_sql: str, histogram: int | None, not_null: str | None = None,

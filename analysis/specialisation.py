@@ -61,17 +61,20 @@ def domain_specialisation(store, scope: Scope, meta: pd.DataFrame, exact: bool =
 
 
 def vocab_specialisation(store, scope: Scope, meta: pd.DataFrame, *, next_token: bool = False, min_count: int = 10,
-                         **options) -> pd.DataFrame:
+                         top: int | None = None, **options) -> pd.DataFrame:
     """Vocabulary specialisation(i, x) = N(x routed to i) / N_x (OLMoE, Muennighoff et al. 2024, Eq. 8).
 
     By input token id, or with next_token=True by the id of the following token in the
     same sequence. Ids seen fewer than min_count times (default 10) and unknown ids (-1)
-    are left out. Columns: [step,] layer, token_id (or next_token_id), expert, tokens
+    are left out. top=N keeps each expert's N ids of highest share (ties: the more frequent,
+    then the lower id). Columns: [step,] layer, token_id (or next_token_id), expert, tokens
     (N_x), routed, share.
     """
     check_options("vocab_specialisation", options, set())
     if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
         raise ValueError(f"min_count must be a positive int, got {min_count!r}")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
+        raise ValueError(f"top must be a positive int, got {top!r}")
     where, params = scope.where()
     sk = scope.step_key
     if next_token:
@@ -89,11 +92,14 @@ def vocab_specialisation(store, scope: Scope, meta: pd.DataFrame, *, next_token:
         col = "token_id"
     return store.sql(f"""
         WITH {source},
-        nx AS (SELECT {sk} layer, x, count(*) FILTER (WHERE slot = 0) AS tokens FROM r GROUP BY ALL HAVING tokens >= ?)
-        SELECT {sk} layer, x AS {col}, expert, any_value(nx.tokens) AS tokens, count(*) AS routed,
-               count(*) / any_value(nx.tokens) AS share
-        FROM r JOIN nx USING ({sk} layer, x) GROUP BY ALL ORDER BY {_order(scope, col, 'expert')}""",
-                     params + [min_count], run=scope.run)
+        nx AS (SELECT {sk} layer, x, count(*) FILTER (WHERE slot = 0) AS tokens FROM r GROUP BY ALL HAVING tokens >= ?),
+        v AS (SELECT {sk} layer, x AS {col}, expert, any_value(nx.tokens) AS tokens, count(*) AS routed,
+                     count(*) / any_value(nx.tokens) AS share
+              FROM r JOIN nx USING ({sk} layer, x) GROUP BY ALL)
+        SELECT * FROM v
+        {f"QUALIFY row_number() OVER (PARTITION BY {sk} layer, expert ORDER BY share DESC, tokens DESC, {col}) <= {top}"
+         if top else ""}
+        ORDER BY {_order(scope, col, 'expert')}""", params + [min_count], run=scope.run)
 
 
 def coactivation(store, scope: Scope, meta: pd.DataFrame, exact: bool = False, **options) -> pd.DataFrame:

@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from moescope.schema import ROLLUPS, SKETCH_STATS
-from moescope.sketch import sketch_bins
+from moescope.schema import ROLLUP_QUANTILES, ROLLUPS, SKETCH_STATS
+from moescope.sketch import group_quantiles, sketch_bins
 
 KEY = ("run", "checkpoint", "step", "rank", "layer", "phase")
 _MAX_CODE = 1 << 62
@@ -95,10 +95,15 @@ def token_rollups(stats: pa.Table) -> dict[str, pa.Table]:
     z = lse * lse
     z_tokens = np.bincount(g[z_ok], minlength=G)
     z_sum = np.bincount(g[z_ok], weights=z[z_ok], minlength=G)
-    step = _rows(keyed, g, G, {
-        "tokens": np.bincount(g, minlength=G), "entropy_sum": np.bincount(g, weights=entropy, minlength=G),
-        "margin_sum": np.bincount(g, weights=margin, minlength=G), "z_tokens": z_tokens,
-        "z_sum": pa.array(z_sum, mask=z_tokens == 0)})  # SQL: a sum over no tokens is NULL
+    cols = {"tokens": np.bincount(g, minlength=G), "entropy_sum": np.bincount(g, weights=entropy, minlength=G),
+            "margin_sum": np.bincount(g, weights=margin, minlength=G), "z_tokens": z_tokens,
+            "z_sum": pa.array(z_sum, mask=z_tokens == 0)}  # SQL: a sum over no tokens is NULL
+    for stat, x in zip(SKETCH_STATS, (entropy, margin, z)):
+        ok = np.isfinite(x)
+        qs = group_quantiles(g[ok], G, x[ok], ROLLUP_QUANTILES)
+        cols.update({f"{stat}_p{round(q * 100):02d}": pa.array(qs[:, j], mask=np.isnan(qs[:, j]))
+                     for j, q in enumerate(ROLLUP_QUANTILES)})
+    step = _rows(keyed, g, G, cols)
     hists = []
     for stat, x in zip(SKETCH_STATS, (entropy, margin, z)):
         ok = np.isfinite(x)

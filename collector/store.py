@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -375,26 +376,20 @@ class Store(AlertRecords):
                 out.setdefault(table, []).append(str(self.root / path))
         return out
 
-    def connect(self, run: str | None = None, *, fill_missing: bool = False) -> duckdb.DuckDBPyConnection:
+    def connect(self, run: str | None = None, *, fill_missing: bool = False,
+                tables: Iterable[str] | None = None) -> duckdb.DuckDBPyConnection:
         """A private in-memory DuckDB with a view per stored table (routing, token_stats, expert_step, rollups).
 
-        Scoped to one run when given (only that run's segments are opened). fill_missing:
-        contract columns that none of the segments has (they were written before the
-        column existed) appear as nulls; it costs a read of every footer, so queries ask
-        for it only when they did not bind without it.
+        Scoped to one run when given (only that run's segments are opened). tables: only
+        these views (default all): binding a view reads its segments' footers, so a query
+        opens only what it names. fill_missing: contract columns that none of the segments
+        has (they were written before the column existed) appear as nulls; it costs a read
+        of every footer, so queries ask for it only when they did not bind without it.
         """
-        con = duckdb.connect(":memory:")
-        live = self._live_segments(run)
+        con = _cursor()
         try:
-            for name, schema in STORED.items():
-                paths = live.get(name)
-                if paths:
-                    src = f"read_parquet({_sql_list(paths)}, union_by_name=true)"
-                    nulls = _null_columns(con, src, schema) if fill_missing else ""
-                    con.execute(f"CREATE VIEW {name} AS SELECT *{nulls} FROM {src}")
-                else:
-                    con.register(f"_empty_{name}", schema.empty_table())
-                    con.execute(f"CREATE VIEW {name} AS SELECT * FROM _empty_{name}")
+            self.files.attach(con)
+            _create_views(con, self._live_segments(run), STORED if tables is None else tables, fill_missing)
         except BaseException:
             con.close()
             raise
@@ -405,43 +400,40 @@ class Store(AlertRecords):
         """Queries of `run` inside the block share one DuckDB connection over one read of the segment list.
 
         A metric runs several queries (layer sizes, then its own); each would otherwise
-        list the segments and open a connection again. Per thread, so sessions never mix.
+        list the segments and open a connection again. Views are made as queries first
+        name them. Per thread, so sessions never mix.
         """
         outer = getattr(self._local, "session", None)
-        if outer is not None and outer[0] == run:
+        if outer is not None and outer.run == run:
             yield self
             return
-        session = [run, self._query(lambda c: c, run, keep_open=True)]
+        session = _Session(self, run)
         self._local.session = session
         try:
             yield self
         finally:
             self._local.session = outer
-            session[1].close()
+            session.close()
 
-    def _query(self, fn, run: str | None, *, keep_open: bool = False):
-        """fn(connection) over the live segments; an unreadable segment is quarantined and the query retried."""
+    def _query(self, fn, run: str | None, tables: Iterable[str] | None = None):
+        """fn(connection) over the live segments of `tables` (default all); an unreadable segment is
+        quarantined and the query retried."""
         session = getattr(self._local, "session", None)
-        if session is not None and session[0] == run and not keep_open:
+        if session is not None and session.run == run:
             try:
-                return fn(session[1])
+                return fn(session.connection(tables))
             except duckdb.Error as exc:
                 rel = self._segment_named_in(str(exc), run)
                 if rel is None or not self.verify_segments(run, paths=[rel]):
                     raise
-                session[1].close()  # a segment went bad under the session: reopen without it, once
-                session[1] = self._query(lambda c: c, run, keep_open=True)
-                return fn(session[1])
+                session.reopen()  # a segment went bad under the session: again without it, once
+                return fn(session.connection(tables))
         tried: set[str] = set()
-        fill = keep_open  # a shared connection serves any query: bind older segments' missing columns up front
+        fill = False
         while True:
             con = None
             try:
-                con = self.connect(run, fill_missing=fill)
-                if keep_open:
-                    con.execute("SELECT count(*) FROM routing, token_stats, expert_step WHERE FALSE").fetchall()
-                    out, con = con, None  # the caller owns it now
-                    return out
+                con = self.connect(run, fill_missing=fill, tables=tables)
                 return fn(con)
             except duckdb.Error as exc:
                 if isinstance(exc, duckdb.BinderException) and not fill:
@@ -467,10 +459,10 @@ class Store(AlertRecords):
         return None
 
     def sql(self, query: str, params: Sequence[Any] | dict | None = None, *, run: str | None = None) -> pd.DataFrame:
-        return self._query(lambda con: con.execute(query, params or []).df(), run)
+        return self._query(lambda con: con.execute(query, params or []).df(), run, _named_tables(query))
 
     def arrow(self, query: str, params: Sequence[Any] | dict | None = None, *, run: str | None = None) -> pa.Table:
-        return self._query(lambda con: con.sql(query, params=params or None).to_arrow_table(), run)
+        return self._query(lambda con: con.sql(query, params=params or None).to_arrow_table(), run, _named_tables(query))
 
     # ---------------------------------------------------------------- integrity
     def verify_segments(self, run: str | None = None, *, paths: list[str] | None = None) -> list[dict]:
@@ -697,6 +689,78 @@ class Store(AlertRecords):
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+class _Session:
+    """One run's shared DuckDB connection (Store.reading): one segment listing, views made on first use.
+
+    A shared connection serves any query, so its views bind the columns older segments
+    lack as nulls up front."""
+
+    def __init__(self, store: Store, run: str | None):
+        self.store, self.run = store, run
+        self.con: duckdb.DuckDBPyConnection | None = None
+        self.reopen()
+
+    def reopen(self) -> None:
+        self.close()
+        self.live = self.store._live_segments(self.run)
+        self.made: set[str] = set()
+        self.con = _cursor()
+        self.store.files.attach(self.con)
+
+    def connection(self, tables: Iterable[str] | None) -> duckdb.DuckDBPyConnection:
+        missing = [t for t in (STORED if tables is None else tables) if t not in self.made]
+        if missing:
+            _create_views(self.con, self.live, missing, fill_missing=True)
+            self.made.update(missing)
+        return self.con
+
+    def close(self) -> None:
+        if self.con is not None:
+            self.con.close()
+            self.con = None
+
+
+_DB: tuple[int, duckdb.DuckDBPyConnection] | None = None
+_DB_LOCK = threading.Lock()
+
+
+def _cursor() -> duckdb.DuckDBPyConnection:
+    """A connection of its own to the process's in-memory DuckDB; its views are TEMP, so private to it.
+
+    Opening a database costs 30–60 ms, a cursor nothing, and one database shares its
+    buffer pool and Parquet footer cache across queries (segment files never change
+    under a name). A forked child (Celery prefork) opens its own.
+    """
+    global _DB
+    with _DB_LOCK:
+        if _DB is None or _DB[0] != os.getpid():
+            db = duckdb.connect(":memory:")
+            db.execute("SET parquet_metadata_cache = true")
+            _DB = (os.getpid(), db)
+        return _DB[1].cursor()
+
+
+_TABLE_WORD = re.compile(r"\b(" + "|".join(STORED) + r")\b")
+
+
+def _named_tables(query: str) -> set[str]:
+    """The stored tables a query names (a superset is harmless: an unused view is never read)."""
+    return set(_TABLE_WORD.findall(query))
+
+
+def _create_views(con, live: dict[str, list[str]], names: Iterable[str], fill_missing: bool) -> None:
+    for name in names:
+        schema = STORED[name]
+        paths = live.get(name)
+        if paths:
+            src = f"read_parquet({_sql_list(paths)}, union_by_name=true)"
+            nulls = _null_columns(con, src, schema) if fill_missing else ""
+            con.execute(f"CREATE TEMP VIEW {name} AS SELECT *{nulls} FROM {src}")
+        else:
+            con.register(f"_empty_{name}", schema.empty_table())
+            con.execute(f"CREATE TEMP VIEW {name} AS SELECT * FROM _empty_{name}")
 
 
 class _Abort(Exception):

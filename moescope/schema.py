@@ -104,6 +104,9 @@ SKETCH_GAMMA = (1 + SKETCH_ALPHA) / (1 - SKETCH_ALPHA)
 SKETCH_MIN = 1e-6
 SKETCH_ZERO_BIN = -32768
 SKETCH_STATS = ("entropy", "margin", "z")
+# token_step also holds each stat's exact quantiles over its rows, so a (step, layer) held
+# in one row (one rank, one frame: the usual case) needs no sketch.
+ROLLUP_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 ROLLUPS: dict[str, pa.Schema] = {
     "token_step": pa.schema(_ROLLUP_KEY + [
@@ -112,7 +115,8 @@ ROLLUPS: dict[str, pa.Schema] = {
         pa.field("margin_sum", pa.float64(), nullable=True),
         pa.field("z_tokens", pa.int64(), nullable=False),    # tokens with finite logsumexp
         pa.field("z_sum", pa.float64(), nullable=True),      # sum of logsumexp² over those
-    ]),
+    ] + [pa.field(f"{stat}_p{round(q * 100):02d}", pa.float64(), nullable=True)
+         for stat in SKETCH_STATS for q in ROLLUP_QUANTILES]),
     "token_hist": pa.schema(_ROLLUP_KEY + [
         pa.field("stat", pa.string(), nullable=False),       # one of SKETCH_STATS
         pa.field("bin", pa.int16(), nullable=False),

@@ -33,3 +33,27 @@ def bin_value(b: int) -> float:
 def bin_value_sql(col: str) -> str:
     """SQL for bin_value over a bin column."""
     return f"CASE WHEN {col} = {SKETCH_ZERO_BIN} THEN 0.0 ELSE 2 * pow({SKETCH_GAMMA!r}, {col}) / {SKETCH_GAMMA + 1!r} END"
+
+
+def group_quantiles(groups: np.ndarray, n_groups: int, x: np.ndarray, qs) -> np.ndarray:
+    """Exact quantiles (linear interpolation, as DuckDB's quantile_cont) of x within each group.
+
+    groups: a code 0..n_groups-1 per value. Returns (n_groups, len(qs)), NaN for groups with
+    no value. One sort of (group, value) pairs for every group at once.
+    """
+    x = np.asarray(x, np.float64)
+    out = np.full((n_groups, len(qs)), np.nan)
+    if not x.size:
+        return out
+    order = np.lexsort((x, groups))
+    xs = x[order]
+    counts = np.bincount(groups, minlength=n_groups)
+    starts = np.cumsum(counts) - counts
+    has = counts > 0
+    for j, q in enumerate(qs):
+        pos = q * (counts[has] - 1)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, counts[has] - 1)
+        a, b = xs[starts[has] + lo], xs[starts[has] + hi]
+        out[has, j] = a + (pos - lo) * (b - a)
+    return out

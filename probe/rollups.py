@@ -14,8 +14,8 @@ from collections import defaultdict
 import numpy as np
 import pyarrow as pa
 
-from moescope.schema import ROLLUPS, SKETCH_STATS
-from moescope.sketch import sketch_bins
+from moescope.schema import ROLLUP_QUANTILES, ROLLUPS, SKETCH_STATS
+from moescope.sketch import group_quantiles, sketch_bins
 
 Key = tuple  # (checkpoint, step, rank, phase, layer)
 
@@ -23,7 +23,7 @@ Key = tuple  # (checkpoint, step, rank, phase, layer)
 class RollupAccumulator:
     def __init__(self) -> None:
         self._tok: dict[Key, np.ndarray] = {}          # tokens, entropy_sum, margin_sum, z_tokens, z_sum
-        self._hist: dict[Key, list[np.ndarray]] = defaultdict(list)  # codes stat * 2^16 + (bin + 2^15)
+        self._values: dict[Key, list[tuple]] = defaultdict(list)  # (entropy, margin, z) per call
         self._domain: dict[Key, dict[str, np.ndarray]] = defaultdict(dict)  # domain -> (2, E) routed, top1
         self._coact: dict[Key, np.ndarray] = {}        # E x E
         self._repeat: dict[Key, np.ndarray] = {}       # pairs, top1_repeat, topk_overlap
@@ -44,9 +44,7 @@ class RollupAccumulator:
         z = lse * lse
         tok = np.array([real.size, entropy.sum(), margin.sum(), z_ok.sum(), z[z_ok].sum()])
         self._tok[key] = tok if key not in self._tok else self._tok[key] + tok
-        for s, x in enumerate((entropy, margin, z)):
-            ok = np.isfinite(x)
-            self._hist[key].append(s * 65536 + sketch_bins(x[ok]) + 32768)
+        self._values[key].append((entropy, margin, z))
 
         chosen = ids >= 0
         if domain_values:
@@ -78,16 +76,20 @@ class RollupAccumulator:
     def tables(self, run: str) -> dict[str, pa.Table]:
         """The pending rollups as tables of the record contract; clears them."""
         one = lambda v: np.array([v])  # noqa: E731
-        out = {"token_step": _table("token_step", run, [
-            (key, {"tokens": one(int(v[0])), "entropy_sum": one(v[1]), "margin_sum": one(v[2]),
-                   "z_tokens": one(int(v[3])), "z_sum": pa.array([float(v[4])], mask=np.array([v[3] == 0]))})
-            for key, v in self._tok.items()])}
-        hist = []
-        for key, parts in self._hist.items():
-            codes, counts = np.unique(np.concatenate(parts), return_counts=True)
-            hist.append((key, {"stat": np.array(SKETCH_STATS)[codes >> 16], "bin": (codes & 65535) - 32768,
-                               "tokens": counts}))
-        out["token_hist"] = _table("token_hist", run, hist)
+        steps, hist = [], []
+        for key, v in self._tok.items():
+            cols = {"tokens": one(int(v[0])), "entropy_sum": one(v[1]), "margin_sum": one(v[2]),
+                    "z_tokens": one(int(v[3])), "z_sum": pa.array([float(v[4])], mask=np.array([v[3] == 0]))}
+            for s, stat in enumerate(SKETCH_STATS):
+                x = np.concatenate([part[s] for part in self._values[key]])
+                x = x[np.isfinite(x)]
+                qs = group_quantiles(np.zeros(x.size, np.int64), 1, x, ROLLUP_QUANTILES)[0]
+                cols.update({f"{stat}_p{round(q * 100):02d}": pa.array([v], mask=np.array([np.isnan(v)]))
+                             for q, v in zip(ROLLUP_QUANTILES, qs)})
+                bins, counts = np.unique(sketch_bins(x), return_counts=True)
+                hist.append((key, {"stat": np.full(bins.size, stat, object), "bin": bins, "tokens": counts}))
+            steps.append((key, cols))
+        out = {"token_step": _table("token_step", run, steps), "token_hist": _table("token_hist", run, hist)}
         dom = []
         for key, doms in self._domain.items():
             for d, c in doms.items():

@@ -140,7 +140,7 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
                                             uirevision=f"{run}|{layer_id}", hover_extra=hover)
 
         count = int(min_count) if min_count not in (None, "") and int(min_count) >= 1 else 5
-        vocab = compute_metric(ctx.store, "vocab_specialisation", **scope, min_count=count)
+        vocab = compute_metric(ctx.store, "vocab_specialisation", **scope, min_count=count, top=TOP_TOKENS)
         if vocab.empty:
             tops = html.P(f"no token seen at least {count} times in this scope; lower the minimum count",
                           className="muted")

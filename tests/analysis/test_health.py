@@ -41,6 +41,8 @@ def test_entropy_z_and_margin_match_numpy_per_step(synth):
     exact = compute_metric(store, "entropy", "synth", layers=[2], exact=True)  # sorts the recorded rows
     assert np.allclose(exact.p50, [np.median(h) for h in per_token], rtol=1e-5)
     assert np.allclose(exact["mean"], ent["mean"]) and (exact.tokens == ent.tokens).all()
+    # Each step was one frame of one rank: its rollup row holds the exact quantiles.
+    assert np.allclose(ent[["p05", "p50", "p95"]], exact[["p05", "p50", "p95"]], rtol=1e-6)
     z = compute_metric(store, "z", "synth", layers=[2], by="window")
     lse = np.concatenate([np.log(np.exp(x.logits_TE).sum(1)) for x in ls])
     assert z["mean"].iloc[0] == pytest.approx((lse ** 2).mean(), rel=1e-5)

@@ -86,3 +86,14 @@ def test_repetition_matches_numpy_and_carries_random_baselines(synth):
         assert r.top1_repeat == pytest.approx(top1) and r.topk_overlap == pytest.approx(overlap)
     col = compute_metric(store, "repetition", "synth", layers=[1], by="window")
     assert col.top1_repeat.iloc[0] == 1.0
+
+
+def test_vocab_specialisation_top_keeps_each_experts_highest_shares(synth):
+    store, _ = synth
+    full = compute_metric(store, "vocab_specialisation", "synth", layers=[2], by="window", min_count=1)
+    top = compute_metric(store, "vocab_specialisation", "synth", layers=[2], by="window", min_count=1, top=3)
+    want = (full.sort_values(["share", "tokens", "token_id"], ascending=[False, False, True], kind="stable")
+            .groupby("expert").head(3).sort_values(["layer", "token_id", "expert"]).reset_index(drop=True))
+    assert len(top) == len(want) and (top[want.columns].to_numpy() == want.to_numpy()).all()
+    with pytest.raises(ValueError, match="top must be a positive int"):
+        compute_metric(store, "vocab_specialisation", "synth", top=0)
