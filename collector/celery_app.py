@@ -16,6 +16,7 @@ from celery import Celery
 from click import Option
 
 from moescope.collector.ingest import IngestStep
+from moescope.collector.segment_fs import is_url
 from moescope.settings import Settings, get_settings
 
 # Task modules by name: the alert task belongs to analysis, which the collector never imports.
@@ -32,6 +33,16 @@ def current_settings() -> Settings:
     if _settings is None:
         _settings = get_settings()
     return _settings
+
+
+def _schedule_file(settings: Settings) -> str:
+    """Beat's record of last runs: in the store directory, or the working directory for a store on object storage."""
+    return "celerybeat-schedule" if is_url(settings.store) else str(Path(settings.store) / "celerybeat-schedule")
+
+
+def _make_store_dir(settings: Settings) -> None:
+    if not is_url(settings.store):
+        Path(settings.store).mkdir(parents=True, exist_ok=True)
 
 
 def configure(settings: Settings) -> Celery:
@@ -57,7 +68,7 @@ def configure(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         beat_schedule=schedule,
-        beat_schedule_filename=str(Path(settings.store) / "celerybeat-schedule"),
+        beat_schedule_filename=_schedule_file(settings),
     )
     return app
 
@@ -81,7 +92,7 @@ def run_worker(settings: Settings, concurrency: int = 1, *, ingest_threads: int 
         raise ValueError(f"--concurrency must be >= 1, got {concurrency}")
     _export_env(settings)
     configure(settings)
-    Path(settings.store).mkdir(parents=True, exist_ok=True)
+    _make_store_dir(settings)
     argv = ["worker", f"--concurrency={concurrency}", f"--pool={pool}", f"--loglevel={loglevel}",
             f"--ingest-threads={ingest_threads or settings.ingest_threads}", "--without-gossip", "--without-mingle"]
     if hostname:
@@ -94,6 +105,6 @@ def run_beat(settings: Settings, loglevel: str = "INFO") -> int:
     """Run the scheduler (compaction, retention, alert evaluation) in this process until stopped."""
     _export_env(settings)
     configure(settings)
-    Path(settings.store).mkdir(parents=True, exist_ok=True)
-    app.start(["beat", f"--loglevel={loglevel}", f"--schedule={Path(settings.store) / 'celerybeat-schedule'}"])
+    _make_store_dir(settings)
+    app.start(["beat", f"--loglevel={loglevel}", f"--schedule={_schedule_file(settings)}"])
     return 0

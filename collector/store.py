@@ -1,7 +1,8 @@
 """The store: immutable Parquet segments queried by DuckDB, plus the metadata DB.
 
 One class owns reading and writing. Any number of processes may write (each frame
-becomes its own atomically renamed segment files, recorded in one metadata
+becomes its own segment files, each appearing whole or not at all, in a directory or on
+object storage: see collector/segment_fs.py; recorded in one metadata
 transaction together with the ledger row) and any number may read (each query opens a
 private in-memory DuckDB over the live segment list), so nobody ever holds a DuckDB
 file lock.
@@ -12,7 +13,6 @@ import contextlib
 import logging
 import os
 import re
-import shutil
 import threading
 import time
 import uuid
@@ -23,30 +23,20 @@ from typing import Any
 import duckdb
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 
 from moescope.collector import metadata as md
 from moescope.collector.alert_records import AlertRecords
+from moescope.collector.segment_fs import COMPACT_PARQUET_KW, StoreError, open_files
 from moescope.frame import Frame
 from moescope.collector.rollups import rollups
 from moescope.schema import LAYER_FIELDS, STORED, SchemaError, check_frame_id, check_run_id
 
 log = logging.getLogger(__name__)
 
-# Fresh per-frame segments are written fast (ingest is bound by this write); compaction
-# rewrites them at a higher level once they are cold.
-_INGEST_PARQUET_KW = {"compression": "zstd", "compression_level": 1}
-_COMPACT_PARQUET_KW = {"compression": "zstd", "compression_level": 3}
-# Compacted files are written in row groups of about this many rows (small frames merged).
-ROW_GROUP_ROWS = 256_000
 # Retired segment files stay on disk this long so queries that listed them still finish.
 RETIRE_GRACE_S = 120.0
-
-
-class StoreError(ValueError):
-    """A store that cannot be used as asked; the message says why."""
 
 
 class UnknownRun(StoreError):
@@ -71,21 +61,18 @@ class FrameConflict(StoreError):
 
 class Store(AlertRecords):
     def __init__(self, root: str | os.PathLike, database_url: str | None = None, *, create: bool = True):
-        self.root = Path(root).expanduser().absolute()
-        if create:
-            try:
-                (self.root / "segments").mkdir(parents=True, exist_ok=True)
-                probe = self.root / f".write-test-{uuid.uuid4().hex}"
-                probe.write_bytes(b"")
-                probe.unlink()
-            except OSError as exc:
-                raise StoreError(f"store directory {str(self.root)!r} is not writable: {exc.strerror or exc}") from None
-        elif not self.root.is_dir():
-            raise StoreError(f"no store at {str(self.root)!r}")
+        # A directory, or object storage under an fsspec URL (s3://bucket/prefix); root is its Path or URL.
+        self.files = open_files(root)
+        self.remote = self.files.remote
+        self.root: Path | str = self.files.location if self.remote else self.files.root
         if database_url is None:
             from moescope.settings import get_settings
 
             database_url = get_settings().database_url
+        if self.remote and not database_url:
+            raise StoreError(f"store {self.root!r} is on object storage: its metadata needs a database every process "
+                             "reaches (--database-url or MOESCOPE_DATABASE_URL, e.g. postgresql+psycopg://host/db)")
+        self.files.prepare(create)
         self.database_url = database_url or f"sqlite:///{self.root / 'meta.sqlite'}"
         if not create:
             _require_sqlite_file(self.database_url)
@@ -117,7 +104,7 @@ class Store(AlertRecords):
                 if table.num_rows == 0:
                     continue
                 rel = f"segments/{name}/run={frame.run}/{frame.frame_id}-{attempt}.parquet"
-                _atomic_write_parquet(table, self._inside(rel))
+                self.files.write_parquet(table, rel)
                 written.append({"path": rel, "run": frame.run, "table_name": name, "rows": table.num_rows,
                                 "created_at": time.time()})
             with self.engine.begin() as conn:
@@ -159,19 +146,13 @@ class Store(AlertRecords):
         if new:
             conn.execute(insert(md.dropped_frames), new)
 
-    def _inside(self, rel: str) -> Path:
-        """The absolute path of `rel`, refusing anything that resolves outside the store root."""
-        path = (self.root / rel).resolve()
-        root = self.root.resolve()
-        if path != root and root not in path.parents:
-            raise StoreError(f"path {rel!r} resolves outside the store {str(root)!r}")
-        return path
-
     def _unlink(self, written: list[dict]) -> None:
+        # Every file method refuses paths outside the store root (self.files.path): metadata never
+        # makes the store write or delete elsewhere.
         for w in written:
             try:
-                self._inside(w["path"]).unlink(missing_ok=True)
-            except (OSError, StoreError):
+                self.files.remove(w["path"])
+            except Exception:  # noqa: BLE001 - best effort while another error is on its way up
                 pass
 
     def _register_meta(self, conn, frame: Frame) -> None:
@@ -316,7 +297,7 @@ class Store(AlertRecords):
             return self._probe_set_row(name)
         # Content-addressed file: a concurrent registration of other content never overwrites it.
         rel = f"probe_sets/{name}-{digest[:16]}.parquet"
-        _atomic_write_parquet(probe_set.to_table(), self._inside(rel), _COMPACT_PARQUET_KW)
+        self.files.write_parquet(probe_set.to_table(), rel, COMPACT_PARQUET_KW)
         try:
             with self.engine.begin() as conn:
                 conn.execute(insert(md.probe_sets).values(
@@ -326,7 +307,7 @@ class Store(AlertRecords):
             try:
                 self._same_probe_set(name, digest)
             except ProbeSetConflict:
-                self._inside(rel).unlink(missing_ok=True)  # ours only: other content has another file name
+                self.files.remove(rel)  # ours only: other content has another file name
                 raise
         return self._probe_set_row(name)
 
@@ -353,7 +334,7 @@ class Store(AlertRecords):
         from moescope.probe_sets import ProbeSet
 
         row = self._probe_set_row(name)
-        return ProbeSet.from_table(pq.read_table(self._inside(row["path"])), source=row["source"], name=name)
+        return ProbeSet.from_table(self.files.read_table(row["path"]), source=row["source"], name=name)
 
     def probe_sets(self) -> pd.DataFrame:
         """One row per registered probe set: name, created_at, sequences, tokens, source, content_hash."""
@@ -373,7 +354,7 @@ class Store(AlertRecords):
         out: dict[str, list[str]] = {}
         with self.engine.connect() as conn:
             for table, path in conn.execute(q.order_by(md.segments.c.path)):
-                out.setdefault(table, []).append(str(self.root / path))
+                out.setdefault(table, []).append(self.files.url(path))
         return out
 
     def connect(self, run: str | None = None, *, fill_missing: bool = False,
@@ -454,7 +435,7 @@ class Store(AlertRecords):
             q = q.where(md.segments.c.run == run)
         with self.engine.connect() as conn:
             for (rel,) in conn.execute(q):
-                if str(self.root / rel) in message:
+                if self.files.url(rel) in message:
                     return rel
         return None
 
@@ -482,7 +463,7 @@ class Store(AlertRecords):
         bad = []
         for rel, srun, table, nrows in rows:
             try:
-                meta = pq.read_metadata(self._inside(rel))
+                meta = self.files.read_metadata(rel)
                 if meta.num_rows != nrows:
                     raise ValueError(f"holds {meta.num_rows} rows, the store recorded {nrows}")
             except (OSError, ValueError, pa.ArrowException, StoreError) as exc:
@@ -499,11 +480,7 @@ class Store(AlertRecords):
             conn.execute(insert(md.quarantined_segments).values(path=rel, run=run, table_name=table, rows=rows,
                                                                 reason=reason, quarantined_at=time.time()))
         try:  # kept for inspection, out of the segment tree
-            src = self._inside(rel)
-            if src.exists():
-                dst = self._inside(f"quarantine/{rel}")
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(src, dst)
+            self.files.move(rel, f"quarantine/{rel}")
         except (OSError, StoreError):
             pass
         log.error("store: quarantined unreadable segment %s (%s)", rel, reason)
@@ -590,15 +567,15 @@ class Store(AlertRecords):
     def _merge(self, table_name: str, run: str, paths: list[str]) -> int:
         rel = f"segments/{table_name}/run={run}/c-{uuid.uuid4().hex}.parquet"
         # One input segment in memory at a time: compaction must not grow the worker.
-        rows = _atomic_write_parquet_parts((_read_segment(self._inside(p), STORED[table_name]) for p in paths),
-                                           STORED[table_name], self._inside(rel), _COMPACT_PARQUET_KW)
+        rows = self.files.write_parquet_parts((_read_segment(self.files.read_table(p), STORED[table_name]) for p in paths),
+                                              STORED[table_name], rel, COMPACT_PARQUET_KW)
         now = time.time()
         with self.engine.begin() as conn:
             res = conn.execute(update(md.segments).where(md.segments.c.path.in_(paths), md.segments.c.retired_at.is_(None))
                                .values(retired_at=now))
             if res.rowcount != len(paths):  # someone else compacted these concurrently
                 conn.rollback()
-                (self.root / rel).unlink(missing_ok=True)
+                self.files.remove(rel)
                 raise _Abort()
             conn.execute(insert(md.segments).values(path=rel, run=run, table_name=table_name, rows=rows, created_at=now))
         return len(paths)
@@ -610,8 +587,8 @@ class Store(AlertRecords):
             old = [p for (p,) in conn.execute(select(md.segments.c.path).where(md.segments.c.retired_at < cutoff))]
         for p in old:
             try:
-                self._inside(p).unlink()
-            except (FileNotFoundError, StoreError):
+                self.files.remove(p)
+            except StoreError:
                 pass
         if old:
             with self.engine.begin() as conn:
@@ -630,14 +607,12 @@ class Store(AlertRecords):
         # Every path is checked to lie under the root: metadata never makes us delete elsewhere.
         for p in paths:
             try:
-                self._inside(p).unlink(missing_ok=True)
+                self.files.remove(p)
             except StoreError:
                 log.error("store: not deleting %r of run %r: outside the store", p, run)
         check_run_id(run)
         for folder in [f"segments/{name}/run={run}" for name in STORED] + [f"checkpoints/{run}"]:
-            folder = self._inside(folder)
-            if folder.is_dir():
-                shutil.rmtree(folder, ignore_errors=True)
+            self.files.remove_tree(folder)
 
     def delete_runs_before(self, cutoff: float) -> int:
         """Delete every run whose last write (or creation, if it never wrote) is older than `cutoff` (epoch s)."""
@@ -663,6 +638,7 @@ class Store(AlertRecords):
         live = self._live_segments(run)
         con = duckdb.connect(str(tmp))
         try:
+            self.files.attach(con)
             for name, schema in STORED.items():
                 paths = live.get(name)
                 if paths:
@@ -787,39 +763,6 @@ def _sql_list(paths: Iterable[str]) -> str:
     return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
 
 
-@contextlib.contextmanager
-def _atomic_file(path: Path):
-    """An open file that appears at `path` whole (fsynced, renamed) or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_parquet_parts(parts: Iterable[pa.Table], schema: pa.Schema, path: Path, options: dict) -> int:
-    """Stream tables into one Parquet file (a row group each), atomically; returns rows written."""
-    strings = [f.name for f in schema if pa.types.is_string(f.type)]
-    rows = 0
-    with _atomic_file(path) as fh, pq.ParquetWriter(fh, schema, use_dictionary=strings, **options) as writer:
-        pending: list[pa.Table] = []
-        for part in parts:
-            pending.append(part)
-            rows += part.num_rows
-            if sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
-                writer.write_table(pa.concat_tables(pending))
-                pending = []
-        if pending:
-            writer.write_table(pa.concat_tables(pending))
-    return rows
-
-
 _DUCKDB_TYPES = {pa.string(): "VARCHAR", pa.float32(): "FLOAT", pa.float64(): "DOUBLE"}
 
 
@@ -830,21 +773,12 @@ def _null_columns(con, src: str, schema: pa.Schema) -> str:
                    if f.name not in have and f.nullable and f.type in _DUCKDB_TYPES)
 
 
-def _read_segment(path: Path, schema: pa.Schema) -> pa.Table:
+def _read_segment(table: pa.Table, schema: pa.Schema) -> pa.Table:
     # Older segments may lack a nullable column added since; fill it with nulls.
-    table = pq.read_table(path)
     for field in schema:
         if field.name not in table.column_names:
             table = table.append_column(field, pa.nulls(table.num_rows, field.type))
     return table.select(schema.names).cast(schema)
-
-
-def _atomic_write_parquet(table: pa.Table, path: Path, options: dict = _INGEST_PARQUET_KW) -> None:
-    # Dictionary-encode only the string columns (run, checkpoint, domain, phase): on the
-    # numeric columns it halves write speed and saves nothing after zstd.
-    strings = [f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
-    with _atomic_file(path) as fh:
-        pq.write_table(table, fh, use_dictionary=strings, **options)
 
 
 def _engine_with_retry(url: str, attempts: int = 20):

@@ -22,7 +22,7 @@ class CliError(Exception):
 def _store(args, *, create: bool = True):
     from moescope import open_store
 
-    settings = get_settings(store=args.store)
+    settings = get_settings(store=args.store, database_url=args.database_url)
     return open_store(settings.store, settings.database_url, create=create)
 
 
@@ -242,7 +242,7 @@ def cmd_whatif(args) -> int:
 def cmd_worker(args) -> int:
     from moescope.collector.celery_app import run_worker
 
-    settings = get_settings(store=args.store)
+    settings = get_settings(store=args.store, database_url=args.database_url)
     threads = args.ingest_threads if args.ingest_threads is not None else settings.ingest_threads
     if threads < 1:
         raise CliError(f"--ingest-threads must be at least 1, got {threads}")
@@ -252,7 +252,7 @@ def cmd_worker(args) -> int:
 def cmd_beat(args) -> int:
     from moescope.collector.celery_app import run_beat
 
-    return run_beat(get_settings(store=args.store)) or 0
+    return run_beat(get_settings(store=args.store, database_url=args.database_url)) or 0
 
 
 def cmd_alerts(args) -> int:
@@ -322,7 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moescope", description="Mixture-of-Experts observability and router analysis.")
     parser.add_argument("--version", action="version", version=f"moescope {__import__('moescope').__version__}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--store", default=None, help="store directory (default $MOESCOPE_STORE or ./moescope-data)")
+    common.add_argument("--store", default=None, help="store directory, or object storage such as s3://bucket/prefix "
+                        "(default $MOESCOPE_STORE or ./moescope-data)")
+    common.add_argument("--database-url", default=None, help="SQLAlchemy URL of the metadata DB (default "
+                        "$MOESCOPE_DATABASE_URL, else SQLite in the store directory; object storage needs one)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", parents=[common], help="train the reference MoE with the probe attached, record, then serve")

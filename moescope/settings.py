@@ -1,17 +1,17 @@
 """Service settings: one typed place, each field documented, env prefix MOESCOPE_."""
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MOESCOPE_", extra="ignore")
 
-    store: Path = Field(Path("moescope-data"), description="Store directory: Parquet segments, checkpoints, and the default SQLite metadata DB.")
-    database_url: str | None = Field(None, description="SQLAlchemy URL of the metadata DB; default sqlite:///<store>/meta.sqlite.")
+    store: str = Field("moescope-data", description="Store directory (Parquet segments, checkpoints, the default SQLite metadata DB), or an object-storage URL for the segments such as s3://bucket/prefix (any fsspec URL; credentials and endpoint from the AWS_* environment variables; needs database_url).")
+    database_url: str | None = Field(None, description="SQLAlchemy URL of the metadata DB; default sqlite:///<store>/meta.sqlite (a store on object storage needs one, e.g. PostgreSQL).")
     broker_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL: Celery broker and the frame stream.")
     stream: str = Field("moescope:frames", description="Redis stream the probe writes frames to.")
     dead_letter_stream: str = Field("moescope:dead", description="Redis stream for frames that failed validation, with the reason.")
@@ -26,6 +26,11 @@ class Settings(BaseSettings):
     retention_days: float | None = Field(None, description="Drop runs older than this many days (None keeps everything).")
     alert_interval_s: float = Field(30.0, description="How often beat schedules alert evaluation.")
     webhook_allowed_hosts: list[str] = Field(default_factory=list, description="Hosts alert webhooks may post to, as glob patterns (e.g. [\"hooks.slack.com\", \"*.corp.example\"]); empty allows any host. Checked when a rule is created and at each delivery.")
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _path_to_text(cls, value):
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
 def get_settings(**overrides) -> Settings:

@@ -21,11 +21,14 @@ def redis_server(tmp_path):
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, postgres_url):
+def database_url(request):
     """None (SQLite file in the store) or a PostgreSQL URL scoped to a fresh schema, dropped afterwards."""
-    if request.param == "sqlite":
-        yield None
-        return
+    return None if request.param == "sqlite" else request.getfixturevalue("postgres_schema_url")
+
+
+@pytest.fixture
+def postgres_schema_url(postgres_url):
+    """A PostgreSQL URL scoped to a fresh schema, dropped afterwards (skips when PostgreSQL is not reachable)."""
     from sqlalchemy import create_engine, text
 
     schema = f"t_{uuid.uuid4().hex[:12]}"

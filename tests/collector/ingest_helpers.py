@@ -89,13 +89,18 @@ class Workers:
         self.logdir, self.procs, self._ready = logdir, [], 0
         logdir.mkdir(parents=True, exist_ok=True)
 
-    def start(self, ingest_threads: int = 1, *, wait: bool = True) -> subprocess.Popen:
+    def start(self, ingest_threads: int = 1, *, wait: bool = True, workdir: Path | None = None) -> subprocess.Popen:
+        """workdir: the worker's own working and temporary directory, as on a machine of its own."""
         name = f"w{len(self.procs)}-{uuid.uuid4().hex[:6]}@%h"
         log = open(self.logdir / f"worker-{len(self.procs)}.log", "wb")
+        env = self.env
+        if workdir is not None:
+            workdir.mkdir(parents=True, exist_ok=True)
+            env = {**self.env, "TMPDIR": str(workdir)}
         proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "moescope.collector.celery_app", "worker", "--pool=solo",
              f"--ingest-threads={ingest_threads}", "--without-gossip", "--without-mingle", "--without-heartbeat",
-             "-n", name, "--loglevel=INFO"], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+             "-n", name, "--loglevel=INFO"], env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
         if wait:  # ready once its consumers have joined the group
             client = redis.Redis.from_url(self.env["MOESCOPE_BROKER_URL"])

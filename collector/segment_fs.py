@@ -1,0 +1,253 @@
+"""Where the store's files live: a local directory, or object storage under any fsspec URL.
+
+`open_files(location)` returns one of two classes with the same methods, all taking
+paths relative to the store's root ("segments/routing/run=r/x.parquet"):
+
+- `LocalFiles`: a directory. Each file is written under a temporary name, fsynced and
+  renamed, so it appears whole or not at all.
+- `ObjectFiles`: s3://bucket/prefix (or gs://, az://, memory://...). An object appears
+  whole when its PUT (single or multipart) completes and never before, so files are
+  written straight under their final key. Credentials and the endpoint come from the
+  usual environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...).
+  DuckDB reads the objects through the same fsspec filesystem (`attach(con)`).
+
+Both refuse a relative path that leaves the root: metadata never makes the store write,
+move or delete anything outside it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# Fresh per-frame segments are written fast (ingest is bound by this write); compaction
+# rewrites them at a higher level once they are cold.
+INGEST_PARQUET_KW = {"compression": "zstd", "compression_level": 1}
+COMPACT_PARQUET_KW = {"compression": "zstd", "compression_level": 3}
+# Compacted files are written in row groups of about this many rows (small frames merged).
+ROW_GROUP_ROWS = 256_000
+
+
+class StoreError(ValueError):
+    """A store that cannot be used as asked; the message says why."""
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    """True for an object-storage URL (scheme://...); file:// and plain paths are directories."""
+    text = os.fspath(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def open_files(location: str | os.PathLike) -> "LocalFiles | ObjectFiles":
+    if is_url(location):
+        return ObjectFiles(os.fspath(location))
+    text = os.fspath(location)
+    return LocalFiles(Path(text[len("file://"):] if text.startswith("file://") else text))
+
+
+class LocalFiles:
+    remote = False
+
+    def __init__(self, root: Path):
+        self.root = root.expanduser().absolute()
+        self.location = str(self.root)
+
+    def prepare(self, create: bool) -> None:
+        """Create the directory and prove it writable (create), or require that it exists."""
+        if not create:
+            if not self.root.is_dir():
+                raise StoreError(f"no store at {self.location!r}")
+            return
+        try:
+            (self.root / "segments").mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-test-{uuid.uuid4().hex}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StoreError(f"store directory {self.location!r} is not writable: {exc.strerror or exc}") from None
+
+    def path(self, rel: str) -> Path:
+        """The absolute path of `rel`, refusing anything that resolves outside the store root."""
+        path = (self.root / rel).resolve()
+        root = self.root.resolve()
+        if path != root and root not in path.parents:
+            raise StoreError(f"path {rel!r} resolves outside the store {str(root)!r}")
+        return path
+
+    def url(self, rel: str) -> str:
+        """What DuckDB's read_parquet is given for `rel` (and what its error messages quote)."""
+        return str(self.root / rel)
+
+    def attach(self, con) -> None:
+        return None  # DuckDB reads local files itself
+
+    def write_parquet(self, table: pa.Table, rel: str, options: dict = INGEST_PARQUET_KW) -> None:
+        with _atomic_file(self.path(rel)) as fh:
+            _write_table(table, fh, options)
+
+    def write_parquet_parts(self, parts: Iterable[pa.Table], schema: pa.Schema, rel: str, options: dict) -> int:
+        with _atomic_file(self.path(rel)) as fh:
+            return _write_parts(parts, schema, fh, options)
+
+    def read_table(self, rel: str) -> pa.Table:
+        return pq.read_table(self.path(rel))
+
+    def read_metadata(self, rel: str) -> pq.FileMetaData:
+        return pq.read_metadata(self.path(rel))
+
+    def remove(self, rel: str) -> None:
+        self.path(rel).unlink(missing_ok=True)
+
+    def remove_tree(self, rel: str) -> None:
+        folder = self.path(rel)
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def move(self, src: str, dst: str) -> None:
+        source, target = self.path(src), self.path(dst)
+        if source.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+
+
+class ObjectFiles:
+    remote = True
+
+    def __init__(self, url: str):
+        import fsspec
+
+        self.scheme = url.split("://", 1)[0]
+        try:
+            # No listings cache: other processes add and remove objects all the time, and a
+            # stale listing would hide a new segment from a long-lived server.
+            self.fs, root = fsspec.core.url_to_fs(url, use_listings_cache=False)
+        except (ImportError, ValueError, TypeError) as exc:  # unknown scheme, or its package (s3fs...) not installed
+            raise StoreError(f"cannot open store {url!r}: {_one_line(exc)}") from None
+        self.root = root.rstrip("/")
+        if not self.root.strip("/"):
+            raise StoreError(f"store URL {url!r} names no bucket (e.g. s3://bucket/prefix)")
+        self.location = self.url(".")
+
+    def prepare(self, create: bool) -> None:
+        """Prove the prefix writable (create) or its bucket reachable; buckets are never created here."""
+        bucket = self.root.lstrip("/").split("/", 1)[0]
+        try:
+            if create:
+                probe = self.key(f".write-test-{uuid.uuid4().hex}")
+                self.fs.pipe_file(probe, b"")
+                self.fs.rm_file(probe)
+            elif not self.fs.exists(bucket):
+                raise FileNotFoundError(f"bucket {bucket!r} does not exist")
+        except Exception as exc:  # noqa: BLE001 - botocore and friends raise many kinds; one line for the user
+            what = "is not writable" if create else "cannot be read"
+            raise StoreError(f"store {self.location!r} {what}: {_one_line(exc)}") from None
+
+    def key(self, rel: str) -> str:
+        """The filesystem path (bucket/prefix/rel) of `rel`, refusing anything that leaves the prefix."""
+        norm = posixpath.normpath(rel)
+        if rel.startswith("/") or norm == ".." or norm.startswith("../"):
+            raise StoreError(f"path {rel!r} resolves outside the store {self.location!r}")
+        return self.root if norm == "." else f"{self.root}/{norm}"
+
+    path = key
+
+    def url(self, rel: str) -> str:
+        return f"{self.scheme}://{self.key(rel).lstrip('/')}"
+
+    def attach(self, con) -> None:
+        """Let DuckDB read this store's URLs through our fsspec filesystem (once per database: cursors share it)."""
+        import duckdb
+
+        with contextlib.suppress(duckdb.InvalidInputException):  # registered already
+            con.register_filesystem(self.fs)
+
+    def write_parquet(self, table: pa.Table, rel: str, options: dict = INGEST_PARQUET_KW) -> None:
+        sink = pa.BufferOutputStream()
+        _write_table(table, sink, options)
+        self.fs.pipe_file(self.key(rel), sink.getvalue().to_pybytes())  # one PUT: the object appears whole
+
+    def write_parquet_parts(self, parts: Iterable[pa.Table], schema: pa.Schema, rel: str, options: dict) -> int:
+        # Through a local temporary file, so a failure half-way never leaves a truncated object.
+        with tempfile.NamedTemporaryFile(suffix=".parquet") as tmp:
+            rows = _write_parts(parts, schema, tmp, options)
+            tmp.flush()
+            self.fs.put_file(tmp.name, self.key(rel))
+        return rows
+
+    def read_table(self, rel: str) -> pa.Table:
+        with self.fs.open(self.key(rel), "rb") as fh:
+            return pq.read_table(fh)
+
+    def read_metadata(self, rel: str) -> pq.FileMetaData:
+        with self.fs.open(self.key(rel), "rb") as fh:
+            return pq.read_metadata(fh)
+
+    def remove(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.key(rel))
+
+    def remove_tree(self, rel: str) -> None:
+        # A trailing slash: "run=ab" must not also take the objects of "run=abc".
+        with contextlib.suppress(FileNotFoundError):
+            keys = self.fs.find(self.key(rel).rstrip("/") + "/")
+            if keys:
+                self.fs.rm(keys)
+
+    def move(self, src: str, dst: str) -> None:
+        source, target = self.key(src), self.key(dst)
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.copy(source, target)
+            self.fs.rm_file(source)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path):
+    """An open file that appears at `path` whole (fsynced, renamed) or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_table(table: pa.Table, sink, options: dict) -> None:
+    # Dictionary-encode only the string columns (run, checkpoint, domain, phase): on the
+    # numeric columns it halves write speed and saves nothing after zstd.
+    strings = [f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+    pq.write_table(table, sink, use_dictionary=strings, **options)
+
+
+def _write_parts(parts: Iterable[pa.Table], schema: pa.Schema, sink, options: dict) -> int:
+    """Stream tables into one Parquet file (row groups of about ROW_GROUP_ROWS); returns rows written."""
+    strings = [f.name for f in schema if pa.types.is_string(f.type)]
+    rows = 0
+    with pq.ParquetWriter(sink, schema, use_dictionary=strings, **options) as writer:
+        pending: list[pa.Table] = []
+        for part in parts:
+            pending.append(part)
+            rows += part.num_rows
+            if sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
+                writer.write_table(pa.concat_tables(pending))
+                pending = []
+        if pending:
+            writer.write_table(pa.concat_tables(pending))
+    return rows
