@@ -9,6 +9,15 @@ dispatched ones, then the remaining ones by logit rank: that recovers the slots 
 dropped (DeepSpeed's own argmax order; for top-2 with 2nd-expert sampling in training a
 dropped second slot is the best-logit candidate, not the sampled one). Logits are not
 returned, so they are recomputed with the gate's own linear in fp32, as the gate does.
+
+`MOELayer` calls the gate with sparse_routes=True, which returns (l_aux, capacity,
+num_experts, indices_KT, locations_KT, gates_KT, exp_counts): per slot the expert
+(-1 where capacity dropped the route), its buffer slot and its applied gate (0 when
+dropped). Kept routes and all gates are read as they are; a dropped slot's expert
+is recovered as the best-logit expert the token was not dispatched to, in slot
+order: exact for top-1 (without RSample noise) and top-k (slots are the gate's
+top-k, best first), and for top-2's first slot; a dropped sampled second slot is
+the best-logit candidate, as above.
 """
 from __future__ import annotations
 
@@ -59,13 +68,17 @@ class DeepSpeedAdapter:
         return None
 
     def capture(self, site: RouterSite, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> RouterCapture | None:
-        if not isinstance(output, tuple) or len(output) != 4 or output[1].dim() != 3:
-            return None  # sparse_routes / tutel layouts are not the dense (T, E, C) form
+        if not isinstance(output, tuple):
+            return None
         x = args[0] if args else kwargs["input"]
-        _, combine_TEC, dispatch_TEC, _ = output
         num_experts, top_k = site.num_experts, site.top_k
         with torch.no_grad():
             logits_TE = F.linear(x.detach().float(), module.wg.weight.float()).reshape(-1, num_experts)
+        if len(output) == 7 and output[3].dim() == 2:
+            return _sparse_capture(logits_TE, output[3], output[5])
+        if len(output) != 4 or output[1].dim() != 3:
+            return None
+        _, combine_TEC, dispatch_TEC, _ = output
         combine_TE = combine_TEC.detach().float().sum(-1)
         dispatched_TE = dispatch_TEC.detach().any(-1)
         # Dispatched experts first (large offset), then the rest by logit.
@@ -78,3 +91,23 @@ class DeepSpeedAdapter:
             probs_TE=torch.softmax(logits_TE, dim=-1), expert_ids_TK=ids_TK, weights_TK=weights_TK,
             logits_TE=logits_TE, dropped_TK=dropped_TK,
         )
+
+
+def _sparse_capture(logits_TE: torch.Tensor, indices_KT: torch.Tensor, gates_KT: torch.Tensor) -> RouterCapture:
+    """Read the sparse_routes layout (see the module docstring): kept routes as given, dropped ones recovered."""
+    kept_ids_TK = indices_KT.detach().t().long()
+    dropped_TK = kept_ids_TK < 0
+    weights_TK = gates_KT.detach().t().float()
+    # Dropped slots mark a scratch column, so they cannot unmark a kept expert sharing their index.
+    tokens, num_experts = logits_TE.shape
+    kept_TE = torch.zeros(tokens, num_experts + 1, dtype=torch.bool, device=logits_TE.device).scatter(
+        1, kept_ids_TK.masked_fill(dropped_TK, num_experts), True)[:, :num_experts]
+    # Undispatched experts best first; the n-th dropped slot of a token takes the n-th of them.
+    spare_TK = logits_TE.masked_fill(kept_TE, float("-inf")).topk(kept_ids_TK.shape[1], dim=-1).indices
+    nth_TK = (dropped_TK.cumsum(-1) - 1).clamp_min(0)
+    ids_TK = torch.where(dropped_TK, spare_TK.gather(1, nth_TK), kept_ids_TK)
+    ids_TK, weights_TK, dropped_TK = sort_slots(ids_TK, weights_TK, dropped_TK)
+    return RouterCapture(
+        probs_TE=torch.softmax(logits_TE, dim=-1), expert_ids_TK=ids_TK, weights_TK=weights_TK,
+        logits_TE=logits_TE, dropped_TK=dropped_TK,
+    )

@@ -57,9 +57,14 @@ def test_megatron_expert_parallel_group_is_recorded_and_charts_tokens_per_device
 
 def test_deepspeed_expert_parallel_group_is_recorded(tmp_path):
     pytest.importorskip("deepspeed.moe.layer")
-    configs = [f.meta["run_config"] for f in run_job("deepspeed", tmp_path) if f.seq == 0]
+    frames = run_job("deepspeed", tmp_path)
+    configs = [f.meta["run_config"] for f in frames if f.seq == 0]
     assert len(configs) == RANKS
     assert all(c["expert_devices"] == {"source": "deepspeed", **CONTIGUOUS} for c in configs)
+    # MOELayer's sparse routes are recorded: every rank, step, layer, token and slot (top-2, 24 tokens).
+    rows = [f.tables["routing"] for f in frames if "routing" in f.tables]
+    per_rank = {r: sum(t.num_rows for t in rows if t.column("rank")[0].as_py() == r) for r in range(RANKS)}
+    assert per_rank == {r: 3 * 2 * 24 * 2 for r in range(RANKS)}
 
 
 def test_deepspeed_ep_size_is_read_before_its_group_exists():
