@@ -23,7 +23,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 import pyarrow as pa
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import Text, cast, delete, func, insert, select, update
 from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 
 from moescope.collector import metadata as md
@@ -78,6 +78,7 @@ class Store(AlertRecords):
             _require_sqlite_file(self.database_url)
         self.engine = _engine_with_retry(self.database_url)
         self._local = threading.local()
+        self._config_differs: set[str] = set()  # runs whose differing run_config was logged
 
     # ---------------------------------------------------------------- writing
     def write_frame(self, frame: Frame) -> bool:
@@ -156,12 +157,29 @@ class Store(AlertRecords):
                 pass
 
     def _register_meta(self, conn, frame: Frame) -> None:
-        if not conn.execute(select(md.runs.c.run).where(md.runs.c.run == frame.run)).first():
+        runs, config = md.runs, frame.meta.get("run_config")
+        stored = conn.execute(select(runs.c.config).where(runs.c.run == frame.run)).first()
+        if stored is None:
             try:
                 with conn.begin_nested():
-                    conn.execute(insert(md.runs).values(run=frame.run, created_at=time.time(), config=frame.meta.get("run_config")))
-            except IntegrityError:
-                pass
+                    conn.execute(insert(runs).values(run=frame.run, created_at=time.time(), config=config))
+            except IntegrityError:  # another writer created it meanwhile
+                stored = conn.execute(select(runs.c.config).where(runs.c.run == frame.run)).first()
+        if stored is not None and config is not None:
+            # A run created without a config (add_checkpoint, a frame without one) takes the first one sent; the
+            # compare-and-set keeps the first when writers race. Configs are stored as SQL NULL or JSON null.
+            first = stored[0]
+            if first is None:
+                unset = runs.c.config.is_(None) | (cast(runs.c.config, Text) == "null")
+                if conn.execute(update(runs).where((runs.c.run == frame.run) & unset).values(config=config)).rowcount:
+                    first = config
+                else:
+                    first = conn.execute(select(runs.c.config).where(runs.c.run == frame.run)).scalar_one()
+            if first != config and frame.run not in self._config_differs:
+                # Ranks' configs differ at least in their producer name, so this is routine, not a warning.
+                self._config_differs.add(frame.run)
+                log.info("store: run %r keeps its first run_config; producer %r sent a different one",
+                         frame.run, frame.producer)
         for layer in frame.meta.get("layers", []):
             key = (md.layers.c.run == frame.run) & (md.layers.c.layer == int(layer["layer"]))
             if not conn.execute(select(md.layers.c.layer).where(key)).first():
@@ -601,7 +619,7 @@ class Store(AlertRecords):
         with self.engine.begin() as conn:
             paths = [p for (p,) in conn.execute(select(md.segments.c.path).where(md.segments.c.run == run))]
             for table in (md.segments, md.ingest_ledger, md.dropped_frames, md.dead_letters, md.checkpoints, md.layers,
-                          md.alert_events, md.alert_state, md.runs):
+                          md.token_texts, md.alert_events, md.alert_state, md.runs):
                 conn.execute(delete(table).where(table.c.run == run))
         # Files go after the commit: a reader holding the old list may fail once, never double count.
         # Every path is checked to lie under the root: metadata never makes us delete elsewhere.

@@ -144,3 +144,32 @@ def test_arrow_answers_a_query_as_an_arrow_table(store):
     assert store.write_frame(make_frame("arrow", "pa", 0, n=12))
     table = store.arrow("SELECT expert, count(*) AS n FROM routing WHERE layer >= ? GROUP BY expert", [0], run="arrow")
     assert isinstance(table, pa.Table) and sum(table.column("n").to_pylist()) == 12
+
+
+
+def with_meta(f, **meta):
+    f.meta.update(meta)
+    return decode(encode(f))
+
+
+def test_run_config_is_kept_when_the_run_was_created_without_one(tmp_path, database_url, caplog):
+    store = Store(tmp_path / "store", database_url)
+    first, other = {"probe": {"producer": "p0", "sample_rate": 1.0}}, {"probe": {"producer": "p1", "sample_rate": 1.0}}
+    try:
+        store.add_checkpoint("a", "c0", step=0)  # the run row exists (config SQL NULL) before any frame
+        assert store.run_config("a") == {}
+        assert store.write_frame(with_meta(frame("a", 0, producer="a0"), run_config=first))
+        assert store.run_config("a") == first
+        store.write_frame(frame("b", 0, producer="b0"))  # created by a frame that carries no config (JSON null)
+        assert store.write_frame(with_meta(frame("b", 1, producer="b0"), run_config=first))
+        assert store.run_config("b") == first
+        # A different config later: the first stays, and that is logged once per run.
+        caplog.set_level("INFO", logger="moescope.collector.store")
+        for seq in (0, 1):
+            assert store.write_frame(with_meta(frame("a", seq, producer="a1"), run_config=other))
+        assert store.write_frame(with_meta(frame("b", 0, producer="b1"), run_config=first))  # the same: no log
+        assert store.run_config("a") == first and store.run_config("b") == first
+        assert [r.getMessage() for r in caplog.records if "run_config" in r.getMessage()] == [
+            "store: run 'a' keeps its first run_config; producer 'a1' sent a different one"]
+    finally:
+        store.close()

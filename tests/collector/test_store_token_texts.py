@@ -33,3 +33,15 @@ def test_texts_are_stored_once_per_run_and_read_back_by_id(tmp_path, database_ur
         assert len(store.token_texts("a")) == 4
     finally:
         store.close()
+
+
+def test_a_deleted_run_recreated_under_its_name_has_none_of_its_old_texts(tmp_path, database_url):
+    store = Store(tmp_path / "store", database_url)
+    try:
+        assert store.write_frame(_frame("a", "p0", 0, [[1, "old"], [2, "gone"]]))
+        assert store.token_texts("a") == {1: "old", 2: "gone"}
+        store.delete_run("a")
+        assert store.write_frame(_frame("a", "p1", 0, [[1, "new"]]))
+        assert store.token_texts("a") == {1: "new"}
+    finally:
+        store.close()
