@@ -23,12 +23,14 @@ The model, stated once (docstring of `placement` repeats it for users):
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from moescope.analysis import placement_replay as pr
+from moescope.analysis.health import has_rollups
 from moescope.analysis.query import Scope, check_options, make_scope
 from moescope.device_map import DeviceMap, recorded
 
@@ -287,40 +289,90 @@ def load_window(store, scope: Scope, layers: list[int], e_max: int, steps) -> Wi
     return Window(steps_s, layers_l, load, nt.max(2))
 
 
-def replay(store, scope: Scope, steps, window: Window, tables: dict[str, np.ndarray], layout: Layout, e_max: int,
-           ks: set[int], *, coactivation: bool = False):
-    """One pass over the window's routing rows, computing every placement's copies (and co-activation).
+class TokenRows:
+    """The routing rows behind the all-to-all copies (and co-activation where no rollup holds it) of one what-if.
 
-    Tried in turn until one holds: token signatures in write order (every token K rows in
-    slot order, the probe's layout), rows in write order (tokens with varying K), then the
-    same two sorted by token (rows written in another order).
+    With one K and a small E^K (the probe's layout), tokens are counted by (step, layer,
+    home, signature) once per routing segment and kept (placement_replay.histogram): every
+    policy, window and view of the run is then priced from those counts without reading a
+    row again. Otherwise each use streams the rows: row by row (tokens with varying K), or
+    sorted by token when they were written in another order.
     """
-    grid = pr.Grid(window.steps, window.layers, layout.ep_size, layout.gpus_per_node, e_max)
-    where, params = dataclasses.replace(scope, steps=steps, layers=tuple(window.layers.tolist())).where()
-    where = f"{where} AND {grid.step_filter()}"
-    k_max = max(ks)
-    signature = len(ks) == 1 and pr.SignatureReplay.fits(grid, k_max, len(tables))
-    attempts = []
-    for ordered in (False, True):
-        if signature:
-            attempts.append((lambda: pr.SignatureReplay(grid, tables, k_max, coactivation), grid.signature_sql(k_max), ordered))
-        attempts.append((lambda: pr.Replay(grid, tables, k_max, coactivation), grid.select_sql(), ordered))
-    for make, cols, ordered in attempts:
-        r = make()
-        try:
-            for batch in pr.stream(store, scope.run, cols, where, params, ordered=ordered):
-                r.add(batch)
-            r.finish()
+
+    def __init__(self, store, scope: Scope, layers: np.ndarray, layout: Layout, e_max: int, ks: set[int],
+                 windows: list[np.ndarray]):
+        self.store, self.scope, self.layers, self.layout, self.e_max = store, scope, layers, layout, e_max
+        self.k, self.one_k = max(ks), len(ks) == 1
+        self.space = pr.Space(tuple(int(x) for x in layers), layout.ep_size, e_max, self.k)
+        self.counts: pr.Counts | None = None
+        if self.one_k and self.space.fits():
+            filters, params = dataclasses.replace(scope, steps=None, layers=self.space.layers).where()
+            try:
+                self.counts = pr.histogram(store, scope.run, self.space, filters, params,
+                                           [(int(w[0]), int(w[-1])) for w in windows if len(w)])
+            except pr.NotAdjacent:
+                self.counts = None
+
+    def coactivation(self, steps: np.ndarray) -> np.ndarray:
+        """C[l, i, j]: tokens at `steps` that chose both i and j (i ≠ j)."""
+        if self.counts is not None:
+            return pr.coactivation(self.counts, self.space, steps)
+        return self._stream(steps, {}, coactivation=True)
+
+    def copies(self, steps: np.ndarray, tables: dict[str, np.ndarray]):
+        """Every placement's copies per (step, layer, device) at `steps` (.traffic), and tokens seen per (step, layer) (.seen)."""
+        if self.counts is not None:
+            r = pr.SignatureReplay(self._grid(steps), tables, self.k)
+            r.add(self.counts)
             return r
-        except pr.NotAdjacent:
-            continue
-    raise ValueError(f"routing rows of run {scope.run!r} repeat or skip a slot of a token")
+        return self._stream(steps, tables)
+
+    def _grid(self, steps: np.ndarray) -> pr.Grid:
+        return pr.Grid(steps, self.layers, self.layout.ep_size, self.layout.gpus_per_node, self.e_max)
+
+    def _stream(self, steps: np.ndarray, tables: dict[str, np.ndarray], coactivation: bool = False):
+        """One pass over the rows at `steps`: in write order row by row, else sorted by token (signatures, then rows)."""
+        grid = self._grid(steps)
+        where, params = dataclasses.replace(self.scope, steps=(int(steps[0]), int(steps[-1])),
+                                            layers=self.space.layers).where()
+        where = f"{where} AND {grid.step_filter()}"
+        width = pr.key_width(int(steps[0]), int(steps[-1]), self.space.cells)
+        signature = self.one_k and self.space.fits() and width is not None
+        attempts = [("rows", False)] + ([("signatures", True)] if signature else []) + [("rows", True)]
+        for how, ordered in attempts:
+            try:
+                if how == "signatures":
+                    counter = pr.SignatureCounter(self.space, int(steps[0]))
+                    for batch in pr.stream(self.store, self.scope.run, self.space.select_sql(int(steps[0]), width), where,
+                                           params, ordered=True):
+                        counter.add(batch)
+                    counts = counter.finish()
+                    if coactivation:
+                        return pr.coactivation(counts, self.space, steps)
+                    r = pr.SignatureReplay(grid, tables, self.k)
+                    r.add(counts)
+                    return r
+                r = pr.Replay(grid, tables, self.k, coactivation)
+                for batch in pr.stream(self.store, self.scope.run, grid.select_sql(), where, params, ordered=ordered):
+                    r.add(batch)
+                r.finish()
+                return r.coact.reshape(len(self.layers), self.e_max, self.e_max) if coactivation else r
+            except pr.NotAdjacent:
+                continue
+        raise ValueError(f"routing rows of run {self.scope.run!r} repeat or skip a slot of a token")
 
 
-def coactivation_counts(store, scope: Scope, steps, window: Window, layout: Layout, e_max: int, ks: set[int]) -> np.ndarray:
-    """C[l, i, j]: tokens of the window that chose both i and j (i ≠ j), from routing rows."""
-    r = replay(store, scope, steps, window, {}, layout, e_max, ks, coactivation=True)
-    return r.coact.reshape(len(window.layers), e_max, e_max)
+def coactivation_rollup(store, scope: Scope, steps, layers: np.ndarray, e_max: int) -> np.ndarray | None:
+    """C[l, i, j] from the coact_step rollup (exact over every token, even when routing rows are sampled); None without it."""
+    if not has_rollups(store, scope, "coact_step"):
+        return None
+    where, params = dataclasses.replace(scope, steps=steps, layers=tuple(int(x) for x in layers)).where()
+    df = store.sql(f"""SELECT layer, expert_i, expert_j, sum(together)::DOUBLE AS n FROM coact_step
+                       WHERE {where} AND expert_i <> expert_j AND expert_i < {e_max} AND expert_j < {e_max}
+                       GROUP BY ALL""", params, run=scope.run)
+    out = np.zeros((len(layers), e_max, e_max))
+    out[np.searchsorted(layers, df.layer.to_numpy()), df.expert_i.to_numpy(), df.expert_j.to_numpy()] = df.n.to_numpy()
+    return out
 
 
 # ----------------------------------------------------------------------------- the metric
@@ -389,10 +441,16 @@ def placement(store, scope: Scope, meta: pd.DataFrame, ep_size=None, gpus_per_no
     eval_w = load_window(store, scope, layers, e_max, scope.steps)
     same_window = fit_steps is None or fit_steps == scope.steps
     fit_w = eval_w if same_window else load_window(store, scope, layers, e_max, fit_steps)
-    coact = None
-    if "coactivation" in policies:
-        coact = coactivation_counts(store, scope, _fit_steps(fit_steps, scope), fit_w, layout, e_max, ks)
     current = "map" if expert_map is not None else "recorded" if ran is not None else "contiguous"
+    hindsight = [p for p in policies if p in LOAD_AWARE] if scope.by == "window" and not same_window else []
+    # Co-activation for the coactivation policy: the coact_step rollup, else counted from routing rows.
+    coact_rows = "coactivation" in policies and not has_rollups(store, scope, "coact_step")
+    windows = [eval_w.steps] + ([fit_w.steps] if not same_window and (scope.by == "window" or coact_rows) else [])
+    tokens = TokenRows(store, scope, eval_w.layers, layout, e_max, ks, windows)
+
+    def coactivation(window: Window, steps) -> np.ndarray:
+        found = None if coact_rows else coactivation_rollup(store, scope, steps, window.layers, e_max)
+        return tokens.coactivation(window.steps) if found is None else found
 
     def build(policy: str, window: Window, coact_LEE) -> list[Devices]:
         per_layer = []
@@ -408,22 +466,23 @@ def placement(store, scope: Scope, meta: pd.DataFrame, ep_size=None, gpus_per_no
                 raise ValueError(f"layer {layer}: {exc}") from None
         return per_layer
 
+    coact = coactivation(fit_w, _fit_steps(fit_steps, scope)) if "coactivation" in policies else None
     wanted = list(dict.fromkeys(policies + ([current] if scope.by == "window" else [])))
     placements = {p: build(p, fit_w, coact) for p in wanted}
-    hindsight = [p for p in policies if p in LOAD_AWARE] if scope.by == "window" and not same_window else []
     if hindsight:  # the same policies fitted on the evaluated window itself: what choosing from the past costs
-        coact_eval = (coactivation_counts(store, scope, scope.steps, eval_w, layout, e_max, ks)
-                      if "coactivation" in hindsight else None)
+        coact_eval = coactivation(eval_w, scope.steps) if "coactivation" in hindsight else None
         placements.update({p + HINDSIGHT: build(p, eval_w, coact_eval) for p in hindsight})
     tables = {p: _table(devs, e_max, layout.ep_size) for p, devs in placements.items()}
-    per_step = _evaluate(store, scope, scope.steps, eval_w, tables, layout, e_max, ks, hidden_size, dtype_bytes)
-    if scope.by == "step":
-        return per_step[per_step.policy.isin(policies)].reset_index(drop=True)
-    fit_tables = {p: t for p, t in tables.items() if not p.endswith(HINDSIGHT)}
-    fit_step = per_step if same_window else _evaluate(store, scope, _fit_steps(fit_steps, scope), fit_w, fit_tables, layout,
-                                                      e_max, ks, hidden_size, dtype_bytes)
+    steps_all = windows[0] if len(windows) == 1 else np.union1d(*windows)
+    copies = tokens.copies(steps_all, tables)  # every window's copies from one pass (or none, when counted before)
     per_copy = float("nan") if hidden_size is None else float(hidden_size) * dtype_bytes
-    return _summary(per_step, fit_step, policies, current, placements, eval_w.layers.tolist(), layout, per_copy)
+    per_step = _evaluate(eval_w, steps_all, copies, tables, layout)
+    if scope.by == "step":
+        return _frame(eval_w, {p: per_step[p] for p in policies}, layout, per_copy)
+    fit_tables = {p: t for p, t in tables.items() if not p.endswith(HINDSIGHT)}
+    fit_step = per_step if same_window else _evaluate(fit_w, steps_all, copies, fit_tables, layout)
+    return _summary(_per_layer(eval_w, per_step, per_copy), _per_layer(fit_w, fit_step, per_copy), policies, current,
+                    placements, eval_w.layers.tolist(), layout)
 
 
 def _recorded(store, run: str, rows: pd.DataFrame, ep_size) -> DeviceMap | None:
@@ -456,51 +515,78 @@ def _table(devices_by_layer: list[Devices], e_max: int, g: int) -> np.ndarray:
     return f
 
 
-def _evaluate(store, scope, steps, window: Window, tables, layout: Layout, e_max, ks, hidden_size, dtype_bytes) -> pd.DataFrame:
-    """Per (policy, step, layer, device) frame for one window."""
-    r = replay(store, scope, steps, window, tables, layout, e_max, ks)
-    n_s, n_l, g = len(window.steps), len(window.layers), layout.ep_size
-    seen_SL = r.seen.reshape(n_s, n_l)
+@dataclasses.dataclass
+class Evaluated:
+    """One placement on one window: per (step, layer[, device]) arrays."""
+
+    tokens_SLG: np.ndarray
+    bal_SL: np.ndarray
+    over_SL: np.ndarray
+    sent_SLG: np.ndarray
+    recv_SLG: np.ndarray
+    inter_SLG: np.ndarray
+
+
+def _evaluate(window: Window, steps_all: np.ndarray, copies, tables, layout: Layout) -> dict[str, Evaluated]:
+    """Each placement on one window; copies were counted over steps_all (a superset of the window's steps)."""
+    n_all, n_l, g = len(steps_all), len(window.layers), layout.ep_size
+    pick = np.searchsorted(steps_all, window.steps)
+    seen_SL = copies.seen.reshape(n_all, n_l)[pick]
     with np.errstate(divide="ignore", invalid="ignore"):
-        scale_SL = np.where(seen_SL > 0, window.tokens_SL / seen_SL, np.nan)
-    step_i, layer_i, dev_i = (a.ravel() for a in np.meshgrid(window.steps, window.layers, np.arange(g), indexing="ij"))
-    frames = []
+        scale_SL1 = np.where(seen_SL > 0, window.tokens_SL / seen_SL, np.nan)[:, :, None]
+    out = {}
     for policy, f_LEG in tables.items():
         tokens_SLG = np.einsum("sle,leg->slg", window.load_SLE, f_LEG)
         mean_SL, max_SL = tokens_SLG.mean(2), tokens_SLG.max(2)
         with np.errstate(divide="ignore", invalid="ignore"):
             bal_SL = np.where(max_SL > 0, mean_SL / max_SL, np.nan)
             over_SL = np.where(mean_SL > 0, max_SL / mean_SL, np.nan)
-        t = r.traffic[policy]
-        copies = {name: (getattr(t, name).reshape(n_s, n_l, g) * scale_SL[:, :, None]).ravel()
-                  for name in ("sent", "recv", "sent_internode")}
-        per_copy = float("nan") if hidden_size is None else float(hidden_size) * dtype_bytes
+        t = copies.traffic[policy]
+        sent, recv, inter = (getattr(t, name).reshape(n_all, n_l, g)[pick] * scale_SL1
+                             for name in ("sent", "recv", "sent_internode"))
+        out[policy] = Evaluated(tokens_SLG, bal_SL, over_SL, sent, recv, inter)
+    return out
+
+
+def _frame(window: Window, evaluated: dict[str, Evaluated], layout: Layout, per_copy: float) -> pd.DataFrame:
+    """A row per (policy, step, layer, device)."""
+    g = layout.ep_size
+    step_i, layer_i, dev_i = (a.ravel() for a in np.meshgrid(window.steps, window.layers, np.arange(g), indexing="ij"))
+    frames = []
+    for policy, ev in evaluated.items():
+        sent, recv, inter = ev.sent_SLG.ravel(), ev.recv_SLG.ravel(), ev.inter_SLG.ravel()
         frames.append(pd.DataFrame({
             "policy": policy, "step": step_i, "layer": layer_i, "device": dev_i, "node": dev_i // layout.gpus_per_node,
-            "tokens": tokens_SLG.ravel(), "balancedness": np.repeat(bal_SL.ravel(), g),
-            "overload": np.repeat(over_SL.ravel(), g), "copies_sent": copies["sent"], "copies_recv": copies["recv"],
-            "copies_sent_internode": copies["sent_internode"], "bytes_sent": copies["sent"] * per_copy,
-            "bytes_recv": copies["recv"] * per_copy, "bytes_sent_internode": copies["sent_internode"] * per_copy}))
+            "tokens": ev.tokens_SLG.ravel(), "balancedness": np.repeat(ev.bal_SL.ravel(), g),
+            "overload": np.repeat(ev.over_SL.ravel(), g), "copies_sent": sent, "copies_recv": recv,
+            "copies_sent_internode": inter, "bytes_sent": sent * per_copy,
+            "bytes_recv": recv * per_copy, "bytes_sent_internode": inter * per_copy}))
     return pd.concat(frames, ignore_index=True)
 
 
-def _per_layer(df: pd.DataFrame, per_copy: float) -> pd.DataFrame:
-    steps = df.groupby(["policy", "layer", "step"], sort=False).agg(
-        balancedness=("balancedness", "first"), overload=("overload", "first"), copies=("copies_sent", "sum"),
-        sent_max=("copies_sent", "max"), internode=("copies_sent_internode", "sum"))
-    out = steps.groupby(["policy", "layer"], sort=False).agg(
-        steps=("balancedness", "size"), balancedness=("balancedness", "mean"), balancedness_min=("balancedness", "min"),
-        overload=("overload", "mean"), overload_max=("overload", "max"), copies_per_step=("copies", "mean"),
-        sent_max=("sent_max", "mean"), internode=("internode", "mean")).reset_index()
+def _per_layer(window: Window, evaluated: dict[str, Evaluated], per_copy: float) -> pd.DataFrame:
+    """A row per (policy, layer): means over the window's steps (NaN steps left out), sums over devices."""
+    rows = []
+    with warnings.catch_warnings(), np.errstate(invalid="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # a layer with no finite value gives NaN, as intended
+        for policy, ev in evaluated.items():
+            copies_SL = np.nansum(ev.sent_SLG, 2)
+            sent_max_SL = np.nanmax(ev.sent_SLG, 2)
+            inter_SL = np.nansum(ev.inter_SLG, 2)
+            for li, layer in enumerate(window.layers.tolist()):
+                rows.append((policy, layer, len(window.steps), np.nanmean(ev.bal_SL[:, li]), np.nanmin(ev.bal_SL[:, li]),
+                             np.nanmean(ev.over_SL[:, li]), np.nanmax(ev.over_SL[:, li]), np.nanmean(copies_SL[:, li]),
+                             np.nanmean(sent_max_SL[:, li]), np.nanmean(inter_SL[:, li])))
+    out = pd.DataFrame(rows, columns=["policy", "layer", "steps", "balancedness", "balancedness_min", "overload",
+                                      "overload_max", "copies_per_step", "sent_max", "internode"])
     out["bytes_per_step"] = out.copies_per_step * per_copy
     out["bytes_sent_max"] = out.pop("sent_max") * per_copy
     out["bytes_internode_per_step"] = out.pop("internode") * per_copy
     return out
 
 
-def _summary(per_step, fit_step, policies, current, placements, layers, layout: Layout, per_copy: float) -> pd.DataFrame:
-    ev = _per_layer(per_step, per_copy)
-    fit = _per_layer(fit_step, per_copy)[["policy", "layer", "balancedness", "copies_per_step"]].rename(
+def _summary(ev: pd.DataFrame, fit: pd.DataFrame, policies, current, placements, layers, layout: Layout) -> pd.DataFrame:
+    fit = fit[["policy", "layer", "balancedness", "copies_per_step"]].rename(
         columns={"balancedness": "balancedness_fit", "copies_per_step": "copies_per_step_fit"})
     df = ev.merge(fit, on=["policy", "layer"], how="left")
     df["fit_eval_gap"] = df.balancedness_fit - df.balancedness

@@ -15,6 +15,7 @@ thread scans the next batch while numpy works on the current one.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import queue
@@ -66,12 +67,6 @@ class Grid:
         lut[offsets] = np.arange(len(self.steps))
         return lut
 
-    def _layer_sql(self) -> str:
-        lo = int(self.layers[0])
-        if np.array_equal(self.layers, np.arange(lo, lo + len(self.layers))):
-            return f"(layer - {lo})"
-        return "CASE layer " + " ".join(f"WHEN {int(x)} THEN {i}" for i, x in enumerate(self.layers)) + " END"
-
     def step_filter(self) -> str:
         lo, stride = int(self.steps[0]), self.stride
         between = f"step BETWEEN {lo} AND {int(self.steps[-1])}"
@@ -83,18 +78,10 @@ class Grid:
 
     def select_sql(self) -> str:
         """Row path columns: step offset, layer·G + home, home, expert code l·E + e, slot."""
-        g, li = self.ep_size, self._layer_sql()
+        g, li = self.ep_size, layer_index_sql(self.layers)
         return (f"{self._offset_sql()}::BIGINT AS s, ({li} * {g} + pos % {g})::INTEGER AS lh, "
                 f"(pos % {g})::INTEGER AS home, ({li} * {self.e_max} + least(expert, {self.e_max - 1}))::INTEGER AS code, "
                 f"slot::INTEGER AS slot")
-
-    def signature_sql(self, k: int) -> str:
-        """Signature path columns: key = (step offset · L + layer) · G + home, and code = expert · K + slot."""
-        g, n_l = self.ep_size, len(self.layers)
-        # 32-bit keys while the step offsets allow: half the bytes out of DuckDB
-        width = "INTEGER" if (int(self.steps[-1] - self.steps[0]) // self.stride + 1) * n_l * g < 2**31 else "BIGINT"
-        return (f"(({self._offset_sql()} * {n_l} + {self._layer_sql()}) * {g} + pos % {g})::{width} AS key, "
-                f"(expert * {k} + slot)::INTEGER AS code")
 
 
 class Replay:
@@ -236,6 +223,8 @@ class Replay:
 
 # The signature path holds, per placement, tables of L · E^K · G values; above this it replays rows instead.
 SIGNATURE_TABLE_MAX = 1 << 24
+# Signature counts kept between queries (HistogramCache), in (step, cell, signature) entries over all runs.
+HISTOGRAM_CACHE_ENTRIES = 1 << 23
 
 
 @dataclasses.dataclass
@@ -266,86 +255,268 @@ def signature_tables(f_LEG: np.ndarray, k: int, gpus_per_node: int) -> Signature
     return SignatureTables(sent_LGS, reach_LSG, inter_LGS)
 
 
-class SignatureReplay:
-    """Histogram of tokens by (step, layer, home, signature) per batch, evaluated per placement through its tables.
+@dataclasses.dataclass(frozen=True)
+class Space:
+    """How tokens are counted: per step, cell = layer index · G + home, signature = experts in slot order, base E."""
 
-    Needs every token to have exactly K rows, slot 0..K−1 in order (the probe's layout);
-    NotAdjacent otherwise, and the caller falls back to the row-by-row Replay.
-    """
+    layers: tuple[int, ...]
+    ep_size: int
+    e_max: int
+    k: int
 
-    def __init__(self, grid: Grid, tables: dict[str, np.ndarray], k: int, coactivation: bool):
-        self.grid, self.k = grid, k
-        self.lut = grid.step_lut()
-        self.identity = self.lut is not None and np.array_equal(self.lut, np.arange(len(self.lut)))
-        self.n_sig = grid.e_max ** k
-        self.seen = np.zeros(len(grid.steps) * len(grid.layers))
-        self.coact = np.zeros(len(grid.layers) * grid.e_max * grid.e_max) if coactivation else None
-        self.tabs = {p: signature_tables(t, k, grid.gpus_per_node) for p, t in tables.items()}
-        self.traffic = {p: Traffic(np.zeros(grid.size), np.zeros(grid.size), np.zeros(grid.size)) for p in tables}
-        self.rest: dict[str, np.ndarray] | None = None  # rows of a token the batch end cut
+    @property
+    def cells(self) -> int:
+        return len(self.layers) * self.ep_size
+
+    @property
+    def n_sig(self) -> int:
+        return self.e_max ** self.k
+
+    def fits(self) -> bool:
+        """Whether one placement's tables (L · E^K · G values) stay within SIGNATURE_TABLE_MAX."""
+        return self.cells * self.n_sig <= SIGNATURE_TABLE_MAX
+
+    def select_sql(self, lo: int, width: str) -> str:
+        """key = (step − lo) · cells + layer index · G + home, and the expert: what the signature counts read per row.
+
+        Not the slot: the probe writes a token's K rows consecutively, and SignatureCounter
+        checks that each group of K rows shares its key and has K distinct experts (what a
+        token's rows have). Decoding slot would cost about a third of the scan.
+        """
+        g = self.ep_size
+        home = f"(pos & {g - 1})" if g & (g - 1) == 0 else f"(pos % {g})"
+        step = f"(step - {int(lo)})::{width}"
+        return f"({step} * {self.cells} + {layer_index_sql(np.asarray(self.layers))}::{width} * {g} + {home}) AS key, expert"
+
+
+def layer_index_sql(layers: np.ndarray) -> str:
+    lo = int(layers[0])
+    if np.array_equal(layers, np.arange(lo, lo + len(layers))):
+        return f"(layer - {lo})"
+    return "CASE layer " + " ".join(f"WHEN {int(x)} THEN {i}" for i, x in enumerate(layers)) + " END"
+
+
+def key_width(lo: int, hi: int, cells: int) -> str | None:
+    """The SQL type of keys for steps lo..hi: INTEGER while they fit (half the bytes out of DuckDB), None past BIGINT."""
+    span = (int(hi) - int(lo) + 1) * cells
+    return "INTEGER" if span < 2**31 else "BIGINT" if span < 2**62 else None
+
+
+@dataclasses.dataclass
+class Counts:
+    """Tokens by (step, cell, signature): cell_sig = cell · E^K + signature."""
+
+    step: np.ndarray
+    cell_sig: np.ndarray
+    count: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return len(self.step)
 
     @staticmethod
-    def fits(grid: Grid, k: int, n_policies: int) -> bool:
-        return len(grid.layers) * grid.e_max ** k * grid.ep_size * max(1, n_policies) <= SIGNATURE_TABLE_MAX
+    def join(parts: list[Counts]) -> Counts:
+        if len(parts) == 1:
+            return parts[0]
+        return Counts(*(np.concatenate([getattr(p, f) for p in parts]) if parts else np.zeros(0, t)
+                        for f, t in (("step", np.int64), ("cell_sig", np.int64), ("count", np.float64))))
+
+
+class SignatureCounter:
+    """Counts tokens by (step, cell, signature) over batches of (key, expert) rows in write order.
+
+    Needs every token to have exactly K consecutive rows (the probe's layout, slot order);
+    NotAdjacent when a group of K rows is not one token's (keys differ or an expert repeats),
+    and the caller falls back to the row-by-row Replay.
+    """
+
+    def __init__(self, space: Space, lo: int):
+        self.space, self.lo = space, int(lo)
+        self.rest: tuple[np.ndarray, np.ndarray] | None = None  # rows of a token the batch end cut
+        self.parts: list[tuple[np.ndarray, np.ndarray]] = []
 
     def add(self, c: dict[str, np.ndarray]) -> None:
-        key, code = c["key"], c["code"]
+        key, expert = c["key"], c["expert"]
         if self.rest is not None:
-            key, code = np.concatenate([self.rest["key"], key]), np.concatenate([self.rest["code"], code])
-        whole = len(key) - len(key) % self.k
-        self.rest = {"key": key[whole:], "code": code[whole:]} if whole < len(key) else None
-        key, code = key[:whole], code[:whole]
+            key, expert = np.concatenate([self.rest[0], key]), np.concatenate([self.rest[1], expert])
+        k, e = self.space.k, self.space.e_max
+        whole = len(key) - len(key) % k
+        self.rest = (key[whole:], expert[whole:]) if whole < len(key) else None
         if not whole:
             return
-        k, e = self.k, self.grid.e_max
-        key_T = key[0::k].astype(np.int64)
-        sig_T = np.zeros(len(key_T), dtype=np.int64)
-        for j in range(k):
-            code_j = code[j::k]
-            if np.any(code_j % k != j) or (j and np.any(key[j::k] != key_T)):
+        key_T = key[0:whole:k]
+        digits = [expert[j:whole:k] for j in range(k)]
+        for j in range(1, k):
+            if not np.array_equal(key[j:whole:k], key_T) or any(np.any(digits[j] == digits[i]) for i in range(j)):
                 raise NotAdjacent()
-            sig_T = sig_T * e + np.minimum(code_j // k, e - 1)  # an expert id past E (bad data) counts as the last
-        per_step = len(self.grid.layers) * self.grid.ep_size
-        if not self.identity:  # step offsets with gaps: map them onto the window's steps, drop the ones it lacks
-            off = key_T // per_step
-            sidx = self.lut[off] if self.lut is not None else _search((self.grid.steps - self.grid.steps[0]) // self.grid.stride, off)
-            ok = sidx >= 0
-            key_T, sig_T = (sidx * per_step + key_T % per_step)[ok], sig_T[ok]
-        if not len(key_T):
-            return
-        idx = key_T * self.n_sig + sig_T
+        if max(int(d.max()) for d in digits) >= e:  # an expert id past E (bad data) counts as the last
+            digits = [np.minimum(d, e - 1) for d in digits]
+        # idx = key · E^K + signature, by Horner's rule in place, in 32 bits while it fits
+        n_sig = self.space.n_sig
+        idx = key_T.astype(np.int32 if (int(key_T.max()) + 1) * n_sig < 2**31 else np.int64)
+        for d in digits:
+            idx *= e
+            idx += d
         lo, hi = int(idx.min()), int(idx.max())
         if hi - lo < 4 * len(idx) + 4096:
-            counts = np.bincount(idx - lo)
+            counts = np.bincount(idx - lo if lo else idx)
             nz = np.flatnonzero(counts)
-            u, cnt = nz + lo, counts[nz].astype(np.float64)
+            self.parts.append((nz.astype(np.int64) + lo, counts[nz]))
         else:
-            u, cnt_i = np.unique(idx, return_counts=True)
-            cnt = cnt_i.astype(np.float64)
-        self._evaluate(u // self.n_sig, u % self.n_sig, cnt)
+            self.parts.append(np.unique(idx.astype(np.int64), return_counts=True))
 
-    def _evaluate(self, key_U, sig_U, cnt_U) -> None:
-        g = self.grid
-        size, n_g, n_l = g.size, g.ep_size, len(g.layers)
-        home_U, layer_U = key_U % n_g, (key_U // n_g) % n_l
-        self.seen += np.bincount(key_U // n_g, weights=cnt_U, minlength=len(self.seen))
-        if self.coact is not None:
-            digits = [(sig_U // g.e_max ** (self.k - 1 - j)) % g.e_max for j in range(self.k)]
-            for a, b in itertools.permutations(range(self.k), 2):
-                self.coact += np.bincount((layer_U * g.e_max + digits[a]) * g.e_max + digits[b], weights=cnt_U,
-                                          minlength=len(self.coact))
-        rows = np.arange(len(key_U))
-        for policy, tab in self.tabs.items():
-            t = self.traffic[policy]
-            t.sent += np.bincount(key_U, weights=cnt_U * tab.sent_LGS[layer_U, home_U, sig_U], minlength=size)
-            reach_UG = tab.reach_LSG[layer_U, sig_U] * cnt_U[:, None]
-            reach_UG[rows, home_U] = 0.0
-            t.recv += np.bincount(((key_U - home_U)[:, None] + np.arange(n_g)).ravel(), weights=reach_UG.ravel(), minlength=size)
-            t.sent_internode += np.bincount(key_U, weights=cnt_U * tab.inter_LGS[layer_U, home_U, sig_U], minlength=size)
-
-    def finish(self) -> None:
+    def finish(self) -> Counts:
         if self.rest is not None:
             raise NotAdjacent()  # the last token has fewer than K rows
+        if not self.parts:
+            return Counts.join([])
+        u = np.concatenate([p[0] for p in self.parts])
+        cnt = np.concatenate([p[1] for p in self.parts]).astype(np.float64)
+        if len(self.parts) > 1:  # a step cut by a batch end appears twice
+            u, inv = np.unique(u, return_inverse=True)
+            cnt = np.bincount(inv, weights=cnt, minlength=len(u))
+        per = self.space.cells * self.space.n_sig
+        return Counts(u // per + self.lo, u % per, cnt)
+
+
+class HistogramCache:
+    """Signature counts of routing segments already read, per (store, run, space, row filter).
+
+    A segment never changes under its name, so counts stay valid while every segment they
+    came from is live: a run's new segments are read and added, a retired one (compaction,
+    deletion) drops the entry. Least recently used entries go past max_entries in all.
+    """
+
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self.entries: collections.OrderedDict[tuple, tuple[frozenset, list[Counts]]] = collections.OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: tuple, live: set[str]) -> tuple[frozenset, list[Counts]]:
+        with self.lock:
+            hit = self.entries.get(key)
+            if hit is None or not hit[0] <= live:
+                self.entries.pop(key, None)
+                return frozenset(), []
+            self.entries.move_to_end(key)
+            return hit
+
+    def put(self, key: tuple, covered: frozenset, parts: list[Counts]) -> None:
+        size = sum(p.size for p in parts)
+        with self.lock:
+            self.entries.pop(key, None)
+            if size > self.max_entries:
+                return
+            self.entries[key] = (covered, parts)
+            total = sum(sum(p.size for p in v[1]) for v in self.entries.values())
+            while total > self.max_entries:
+                _, (_, old) = self.entries.popitem(last=False)
+                total -= sum(p.size for p in old)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+
+
+CACHE = HistogramCache(HISTOGRAM_CACHE_ENTRIES)
+
+
+def histogram(store, run: str, space: Space, filters: str, params: list, windows: list[tuple[int, int]]) -> Counts:
+    """Token signature counts of every routing segment that may hold a step of the windows (lo, hi) (whole segments).
+
+    filters: the row filter (layers, checkpoint, phase, ranks), no steps. Segments read before
+    come from CACHE. Raises NotAdjacent when rows are not in the probe's layout, or when a
+    segment's step range is unknown (no footer statistics).
+    """
+    files = store.segment_paths("routing", run)
+    key = (str(store.root), run, space, filters, tuple(params))
+    covered, parts = CACHE.get(key, set(files))
+    todo = [f for f in files if f not in covered]
+    if todo:
+        con = store.connect(run, tables=())
+        try:
+            ranges = _step_ranges(con, todo)
+        finally:
+            con.close()
+        if any(ranges.get(f) is None for f in todo):
+            raise NotAdjacent()
+        need = [f for f in todo if any(ranges[f][0] <= hi and ranges[f][1] >= lo for lo, hi in windows)]
+        if need:
+            lo, hi = min(ranges[f][0] for f in need), max(ranges[f][1] for f in need)
+            width = key_width(lo, hi, space.cells)
+            if width is None:
+                raise NotAdjacent()
+            counter = SignatureCounter(space, lo)
+            sql = (f"SELECT {space.select_sql(lo, width)} FROM read_parquet({_sql_list(need)}, union_by_name=true) "
+                   f"WHERE {filters}")
+            for batch in stream_sql(store, run, sql, params, tables=()):
+                counter.add(batch)
+            parts = [*parts, counter.finish()]
+            covered = covered | frozenset(need)
+            CACHE.put(key, covered, parts)
+    return Counts.join(parts)
+
+
+def _step_ranges(con, files: list[str]) -> dict[str, tuple[int, int] | None]:
+    """Each segment's (min, max) step from its footer statistics; None where they are missing."""
+    rows = con.sql(f"""SELECT file_name, min(TRY_CAST(stats_min_value AS BIGINT)), max(TRY_CAST(stats_max_value AS BIGINT)),
+                              bool_and(stats_min_value IS NOT NULL AND stats_max_value IS NOT NULL)
+                       FROM parquet_metadata({_sql_list(files)}) WHERE path_in_schema = 'step' GROUP BY file_name""").fetchall()
+    found = {name: (int(lo), int(hi)) if ok and lo is not None and hi is not None else None for name, lo, hi, ok in rows}
+    return {f: found.get(f) for f in files}
+
+
+def _sql_list(paths: list[str]) -> str:
+    return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
+
+
+def coactivation(counts: Counts, space: Space, steps: np.ndarray) -> np.ndarray:
+    """C[l, i, j]: tokens at `steps` that chose both i and j (i ≠ j), from signature counts."""
+    e, n_sig = space.e_max, space.n_sig
+    keep = np.isin(counts.step, steps)
+    cell_sig, cnt = counts.cell_sig[keep], counts.count[keep]
+    layer_U, sig_U = cell_sig // n_sig // space.ep_size, cell_sig % n_sig
+    digits = [(sig_U // e ** (space.k - 1 - j)) % e for j in range(space.k)]
+    out = np.zeros(len(space.layers) * e * e)
+    for a, b in itertools.permutations(range(space.k), 2):
+        out += np.bincount((layer_U * e + digits[a]) * e + digits[b], weights=cnt, minlength=len(out))
+    return out.reshape(len(space.layers), e, e)
+
+
+class SignatureReplay:
+    """Every placement's copies from signature counts: a gather through its tables per (step, cell, signature)."""
+
+    def __init__(self, grid: Grid, tables: dict[str, np.ndarray], k: int):
+        self.grid, self.k = grid, k
+        self.n_sig = grid.e_max ** k
+        self.seen = np.zeros(len(grid.steps) * len(grid.layers))
+        self.tables = tables
+        self.traffic = {p: Traffic(np.zeros(grid.size), np.zeros(grid.size), np.zeros(grid.size)) for p in tables}
+
+    def add(self, counts: Counts) -> None:
+        g = self.grid
+        sidx = _search(g.steps, counts.step)
+        ok = sidx >= 0  # a step expert_step never recorded, or outside the window: not counted
+        cells = len(g.layers) * g.ep_size
+        cell_sig = counts.cell_sig[ok]
+        key_U, sig_U, cnt_U = sidx[ok] * cells + cell_sig // self.n_sig, cell_sig % self.n_sig, counts.count[ok]
+        n_g, n_l = g.ep_size, len(g.layers)
+        home_U, layer_U = key_U % n_g, (key_U // n_g) % n_l
+        self.seen += np.bincount(key_U // n_g, weights=cnt_U, minlength=len(self.seen))
+        # flat indexes into the (L, G, S) and (L·S, G) tables, once for every placement
+        lhs_U = (layer_U * n_g + home_U) * self.n_sig + sig_U
+        ls_U = layer_U * self.n_sig + sig_U
+        at_home = np.arange(len(key_U)) * n_g + home_U
+        recv_idx = ((key_U - home_U)[:, None] + np.arange(n_g)).ravel()
+        for policy, f_LEG in self.tables.items():  # one placement's tables at a time: memory stays at one
+            tab = signature_tables(f_LEG, self.k, g.gpus_per_node)
+            t = self.traffic[policy]
+            t.sent += np.bincount(key_U, weights=cnt_U * tab.sent_LGS.take(lhs_U), minlength=g.size)
+            reach_UG = tab.reach_LSG.reshape(-1, n_g).take(ls_U, axis=0)
+            reach_UG *= cnt_U[:, None]
+            reach_UG.ravel()[at_home] = 0.0  # a token's own device receives nothing
+            t.recv += np.bincount(recv_idx, weights=reach_UG.ravel(), minlength=g.size)
+            t.sent_internode += np.bincount(key_U, weights=cnt_U * tab.inter_LGS.take(lhs_U), minlength=g.size)
 
 
 def _search(offsets: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -354,21 +525,26 @@ def _search(offsets: np.ndarray, s: np.ndarray) -> np.ndarray:
 
 
 def stream(store, run: str, cols: str, where: str, params: list, *, ordered: bool):
-    """Batches (dicts of numpy columns) of `SELECT cols FROM routing WHERE where`, in write order unless ordered.
+    """Batches of `SELECT cols FROM routing WHERE where`, in write order unless ordered (then in token order)."""
+    order = " ORDER BY step, layer, rank, microbatch, seq, pos, checkpoint, slot" if ordered else ""
+    return stream_sql(store, run, f"SELECT {cols} FROM routing WHERE {where}{order}", params, tables=("routing",))
+
+
+def stream_sql(store, run: str, sql: str, params: list, *, tables=("routing",)):
+    """Batches (dicts of numpy columns) of one query, in the order DuckDB returns them.
 
     A background thread pulls the batches out of DuckDB while the caller works on the
     previous one, so the scan and the numpy work overlap on two cores.
     """
-    order = " ORDER BY step, layer, rank, microbatch, seq, pos, checkpoint, slot" if ordered else ""
     out: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
     done = object()
 
     def produce():
         try:
-            con = store.connect(run)
+            con = store.connect(run, tables=tables)
             try:
-                reader = con.sql(f"SELECT {cols} FROM routing WHERE {where}{order}", params=params).to_arrow_reader(BATCH_ROWS)
+                reader = con.sql(sql, params=params or None).to_arrow_reader(BATCH_ROWS)
                 for batch in reader:
                     if stop.is_set():
                         break
