@@ -2,7 +2,9 @@
 
 Delivery is at-least-once from Redis to the store: a message is XACKed only after
 `store.write_frame` returned, and `write_frame` is idempotent by frame uuid, so the
-store holds every frame exactly once. A consumer that dies (kill -9) leaves its
+store holds every frame exactly once. Acknowledged messages are deleted too: the stream
+is the ingest group's queue, and a stored frame (megabytes) would otherwise sit in Redis
+memory until MAXLEN trims it. A consumer that dies (kill -9) leaves its
 messages pending in the group; any live consumer takes them over with XAUTOCLAIM once
 they have been idle `claim_idle_ms`.
 
@@ -191,12 +193,18 @@ class StreamIngestor:
 
     def _ack(self, msg_id, ack_key: str, frame_id: str | None) -> None:
         pipe = self.client.pipeline(transaction=False)
-        pipe.xack(self.stream, GROUP, msg_id)
+        self._settle(pipe, msg_id)
         # Only sets under this stream's ack prefix: a message cannot make us write elsewhere.
         if frame_id and ack_key.startswith(f"{self.stream}:acks:"):
             pipe.sadd(ack_key, frame_id)
             pipe.expire(ack_key, self.ack_ttl_s)
         pipe.execute()
+
+    def _settle(self, pipe, msg_id):
+        """Queue the acknowledgement and deletion of a message this consumer is done with; returns the pipeline."""
+        pipe.xack(self.stream, GROUP, msg_id)
+        pipe.xdel(self.stream, msg_id)
+        return pipe
 
     def _dead(self, msg_id, mid: str, reason: str, header: dict | None, data: bytes, ack_key: str) -> str:
         run, producer, seq, frame_id = _ledger_keys(header)
@@ -211,7 +219,7 @@ class StreamIngestor:
         log.warning("ingest: dead-lettered message %s: %s", mid, reason)
         # Accounted for, so the producer stops re-sending it; but as rejected, never as stored.
         pipe = self.client.pipeline(transaction=False)
-        pipe.xack(self.stream, GROUP, msg_id)
+        self._settle(pipe, msg_id)
         if frame_id and ack_key.startswith(f"{self.stream}:acks:"):
             rejected = rejected_key(ack_key)
             pipe.hset(rejected, frame_id, reason[:500])
@@ -239,7 +247,7 @@ class StreamIngestor:
         self.client.xadd(self.parked_stream, {**{k.decode() if isinstance(k, bytes) else k: v for k, v in fields.items()},
                                               "reason": f"{type(exc).__name__}: {exc}"[:2000], "message_id": mid},
                          maxlen=10_000, approximate=True)
-        self.client.xack(self.stream, GROUP, msg_id)
+        self._settle(self.client.pipeline(transaction=False), msg_id).execute()
         self._failures.pop(mid, None)
         self.counts["parked"] += 1
         log.error("ingest: parked message %s after %d failed attempts; its producer will re-send it", mid, failures)

@@ -1,7 +1,8 @@
 """Frame codec: the unit the probe ships and the collector stores.
 
 Wire format: MAGIC, a u32 header length, the header as JSON, then one Arrow IPC stream
-(LZ4-compressed buffers) per table, at the offsets the header lists. A frame carries
+(LZ4-compressed buffers) per table, at the offsets the header lists. String columns that
+hold one value per chunk travel as one-value dictionaries; decode() returns plain strings. A frame carries
 schema version, run, producer id, a per-producer monotonically increasing sequence
 number and a uuid; (producer, seq) lets the store prove nothing was lost or duplicated.
 """
@@ -14,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -32,6 +34,7 @@ MAX_DECODED_BYTES = 1 << 30         # decoded Arrow bytes per frame, checked bat
 # LZ4: against zstd it halves the probe's encode and the worker's decode for ~40% more
 # bytes on the wire (benchmarks/bench_ingest.py); readers accept either codec.
 _WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")
+_WIRE_DICT = pa.dictionary(pa.int8(), pa.string())
 
 
 class FrameError(ValueError):
@@ -75,13 +78,49 @@ class Frame:
 def encode(frame: Frame) -> bytes:
     blobs, index = [], []
     for name, table in frame.tables.items():
+        table = _wire_table(table)
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, table.schema, options=_WRITE_OPTIONS) as writer:
             writer.write_table(table)
-        blobs.append(sink.getvalue().to_pybytes())
-        index.append({"name": name, "length": len(blobs[-1]), "rows": table.num_rows})
+        blobs.append(sink.getvalue())  # Arrow buffers: the join below is the only copy
+        index.append({"name": name, "length": blobs[-1].size, "rows": table.num_rows})
     header = json.dumps({**frame.header(), "tables": index}, separators=(",", ":")).encode()
     return b"".join([MAGIC, _LEN.pack(len(header)), header, *blobs])
+
+
+def _wire_table(table: pa.Table) -> pa.Table:
+    """`table` with each string column that holds one value per chunk (run, checkpoint, phase, ...) as a
+    one-value dictionary. A plain string column's offsets do not compress (LZ4 finds no repeats in an
+    arithmetic series): they were ~60% of a frame's bytes, and bytes are what Redis and the worker's
+    socket read pay for. decode() turns them back into plain strings."""
+    fields, columns = [], []
+    for field, column in zip(table.schema, table.columns):
+        if pa.types.is_string(column.type):
+            chunks = [_one_value(chunk) for chunk in column.chunks]
+            if chunks and all(c is not None for c in chunks):
+                column = pa.chunked_array(chunks, _WIRE_DICT)
+                field = field.with_type(_WIRE_DICT)
+        fields.append(field)
+        columns.append(column)
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=table.schema.metadata))
+
+
+def _one_value(arr: pa.StringArray) -> pa.DictionaryArray | None:
+    """`arr` as a dictionary of at most one value, or None when it holds more than one distinct string."""
+    n = len(arr)
+    if arr.null_count == n:
+        return pa.DictionaryArray.from_arrays(pa.nulls(n, pa.int8()), pa.array([], pa.string()))
+    if arr.null_count:
+        return None
+    offsets = np.frombuffer(arr.buffers()[1], np.int32, n + 1, arr.offset * 4)
+    start, width = int(offsets[0]), int(offsets[1] - offsets[0])
+    if int(offsets[-1]) - start != width * n or not np.all(np.diff(offsets) == width):
+        return None
+    data = arr.buffers()[2]
+    value = data.slice(start, width).to_pybytes() if width else b""
+    if width and not data.slice(start, width * n).equals(pa.py_buffer(value * n)):
+        return None
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int8)), pa.array([value.decode()], pa.string()))
 
 
 def decode(data: bytes, *, validate: bool = True, max_rows: int = MAX_TABLE_ROWS,
@@ -113,12 +152,14 @@ def decode(data: bytes, *, validate: bool = True, max_rows: int = MAX_TABLE_ROWS
         try:
             reader, batches = pa.ipc.open_stream(whole.slice(offset, length)), []
             for batch in reader:
+                batch.validate()  # buffer sizes (a dictionary's too) before anything reads them, nbytes included
                 decoded += batch.nbytes
                 if decoded > max_decoded_bytes:
                     raise FrameError(f"frame {header['frame_id']} decodes to more than {max_decoded_bytes} bytes")
                 batches.append(batch)
             table = pa.Table.from_batches(batches, schema=reader.schema)
-            table.validate(full=True)
+            _validate(name, table)
+            table, decoded, one_value = _plain_strings(name, table, decoded, max_decoded_bytes)
         except FrameError:
             raise
         except (pa.ArrowException, OSError, ValueError, MemoryError, IndexError) as exc:
@@ -131,7 +172,8 @@ def decode(data: bytes, *, validate: bool = True, max_rows: int = MAX_TABLE_ROWS
                 table = conform(name, table)
             except (SchemaError, pa.ArrowException, ValueError) as exc:
                 raise FrameError(str(exc)[:300]) from None
-            _check_rows(name, table, header["run"])
+            if one_value.get("run") != header["run"]:  # else every row already names it
+                _check_rows(name, table, header["run"])
         tables[name] = table
         offset += length
     if offset != len(data):
@@ -142,6 +184,56 @@ def decode(data: bytes, *, validate: bool = True, max_rows: int = MAX_TABLE_ROWS
         dropped_seqs=list(header["dropped_seqs"]), meta=header.get("meta") or {},
         final=bool(header.get("final")), created_at=float(header.get("created_at", 0.0)),
     )
+
+
+def _validate(name: str, table: pa.Table) -> None:
+    """Arrow's full validation (offsets, UTF-8, dictionary indices) of every column that has anything beyond
+    fixed-width values to check; numbers and booleans need only the cheap structural pass."""
+    table.validate()
+    if len(set(table.column_names)) != table.num_columns:
+        raise FrameError(f"table {name!r} names a column twice: {table.column_names}"[:300])
+    for column in table.columns:
+        t = column.type
+        if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
+            column.validate(full=True)
+
+
+def _plain_strings(name: str, table: pa.Table, decoded: int, max_decoded_bytes: int) -> tuple[pa.Table, int, dict]:
+    """Dictionary-encoded string columns (how encode() ships one-value columns) as plain strings, counting
+    what they expand to against the frame's byte bound first: a few bytes of indices must not become gigabytes.
+    Also returns {column: value} for the columns whose every row holds that one value."""
+    one_value: dict[str, str] = {}
+    for i, field in enumerate(table.schema):
+        if not pa.types.is_dictionary(field.type):
+            continue
+        if not pa.types.is_string(field.type.value_type):
+            raise FrameError(f"table {name!r} column {field.name!r} is a dictionary of {field.type.value_type}; "
+                             "only string columns may be dictionary-encoded")
+        chunks, values = [], set()
+        for chunk in table.column(i).chunks:
+            if len(chunk.dictionary) == 1 and chunk.null_count == 0:  # one value: what encode() sends
+                value = chunk.dictionary[0].as_py()
+                size = len(value.encode()) * len(chunk)
+            else:
+                value = None
+                size = pc.sum(pc.take(pc.binary_length(chunk.dictionary), chunk.indices)).as_py() or 0
+            decoded += 4 * (len(chunk) + 1) + size
+            if decoded > max_decoded_bytes:
+                raise FrameError(f"table {name!r} decodes to more than {max_decoded_bytes} bytes")
+            chunks.append(chunk.cast(pa.string()) if value is None else _repeated(value.encode(), len(chunk)))
+            values.add(value)
+        table = table.set_column(i, field.with_type(pa.string()), pa.chunked_array(chunks, pa.string()))
+        if len(values) == 1 and None not in values:
+            one_value[field.name] = values.pop()
+    return table, decoded, one_value
+
+
+def _repeated(value: bytes, n: int) -> pa.StringArray:
+    # Built from its buffers: a lookup of n indices into a one-value dictionary costs several times more.
+    if len(value) * n >= 2**31:
+        raise FrameError(f"a string column of {n} rows of {len(value)} bytes is more than one Arrow array holds")
+    offsets = (np.arange(n + 1, dtype=np.int64) * len(value)).astype(np.int32)
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(value * n))
 
 
 def read_header(data: bytes) -> tuple[dict, int]:

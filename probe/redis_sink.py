@@ -361,6 +361,8 @@ class RedisSink:
             for i in range(0, len(items), 1000):
                 chunk = items[i : i + 1000]
                 self._take_rejected(producer, chunk)
+                if not chunk:  # every one of them was refused
+                    continue
                 flags = self.client.smismember(key, [p.frame_id for p in chunk])
                 acked = [p for p, ok in zip(chunk, flags) if ok]
                 if not acked:

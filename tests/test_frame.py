@@ -115,3 +115,47 @@ def test_hostile_registrations_in_meta_are_refused_with_the_reason(meta, message
     data = encode(Frame(run="r", producer="p", seq=0, tables={"expert_step": expert_step()}, meta=meta))
     with pytest.raises(FrameError, match=message):
         decode(data)
+
+
+def test_one_value_string_columns_travel_as_dictionaries_and_come_back_as_the_strings_sent():
+    first = expert_step(n=300)
+    second = expert_step(n=200).set_column(1, "checkpoint", pa.array(["c2"] * 200)).cast(EXPERT_STEP)
+    mixed = expert_step(n=100).set_column(12, "phase", pa.array(["train", None] * 50)).cast(EXPERT_STEP)
+    table = pa.concat_tables([first, second, mixed])  # three chunks: one value, another value, two values and nulls
+    frame = Frame(run="r", producer="p", seq=0, tables={"expert_step": table})
+    data = encode(frame)
+    assert decode(data).tables["expert_step"].equals(table)
+    plain = pa.BufferOutputStream()  # what the same table costs with every string spelled out
+    with pa.ipc.new_stream(plain, table.schema, options=pa.ipc.IpcWriteOptions(compression="lz4")) as writer:
+        writer.write_table(table)
+    assert len(data) < plain.getvalue().size
+
+
+def _raw_frame(table: pa.Table) -> bytes:
+    """A frame whose table is written as given (encode() sends non-string columns untouched)."""
+    return encode(Frame(run="r", producer="p", seq=0, tables={"expert_step": table}))
+
+
+def test_a_dictionary_that_expands_past_the_byte_bound_is_refused_before_it_is_expanded():
+    n = 4000
+    huge = pa.DictionaryArray.from_arrays(pa.array([0] * n, pa.int8()), pa.array(["x" * 1000]))
+    table = expert_step(n=n).set_column(1, pa.field("checkpoint", huge.type), huge)
+    data = _raw_frame(table)
+    assert len(data) < 20_000  # 4 MB of strings in a few kilobytes
+    with pytest.raises(FrameError, match="decodes to more than 1000000 bytes"):
+        decode(data, max_decoded_bytes=1_000_000)
+    assert decode(data).tables["expert_step"].column("checkpoint").type == pa.string()
+
+
+def test_only_string_columns_may_arrive_dictionary_encoded():
+    steps = pa.DictionaryArray.from_arrays(pa.array([0] * 4, pa.int8()), pa.array([1], pa.int64()))
+    table = expert_step().set_column(2, pa.field("step", steps.type), steps)
+    with pytest.raises(FrameError, match="'step' is a dictionary of int64; only string columns"):
+        decode(_raw_frame(table))
+
+
+def test_a_table_that_names_a_column_twice_is_a_frame_error():
+    table = expert_step()
+    twice = pa.Table.from_arrays(table.columns, names=[*table.column_names[:-1], "prob_sum"])
+    with pytest.raises(FrameError, match="names a column twice"):
+        decode(_raw_frame(twice))

@@ -143,3 +143,22 @@ def test_bad_options_are_one_line_errors(tmp_path):
     sink.close()
     with pytest.raises(RuntimeError, match="after close"):
         sink.send(make_frame("x", "p0", 0))
+
+
+def test_a_sink_whose_every_pending_frame_is_refused_reports_them_and_keeps_delivering(tmp_path, server):
+    store = Store(tmp_path / "store")
+    with Consumer(store, server.url):
+        first = RedisSink(server.url, spool_dir=tmp_path / "s1", ack_poll_s=0.05)
+        for seq in range(2):
+            first.send(make_frame("taken", "shared", seq, n=10))
+        assert first.wait_acked(60)
+        first.close()
+        second = RedisSink(server.url, spool_dir=tmp_path / "s2", ack_poll_s=0.05, close_timeout_s=60)
+        for seq in range(2):  # both seqs already stored under other frame ids: both refused
+            second.send(make_frame("reused", "shared", seq, n=10))
+        assert second.wait_acked(60) and second.stats["rejected"] == 2
+        second.send(make_frame("reused", "shared", 2, n=10, final=True))
+        assert second.wait_acked(60) and second.stats["acked"] == 1
+        second.close()
+    assert store.sql("SELECT count(*) AS n FROM routing", run="reused").n[0] == 10
+    store.close()
