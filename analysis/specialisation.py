@@ -90,12 +90,14 @@ def vocab_specialisation(store, scope: Scope, meta: pd.DataFrame, *, next_token:
     else:
         source = f"r AS (SELECT {sk} layer, token_id AS x, slot, expert FROM routing WHERE {where} AND token_id >= 0)"
         col = "token_id"
+    # One pass over the rows (per id and expert); N_x is summed from that small result.
     return store.sql(f"""
         WITH {source},
-        nx AS (SELECT {sk} layer, x, count(*) FILTER (WHERE slot = 0) AS tokens FROM r GROUP BY ALL HAVING tokens >= ?),
-        v AS (SELECT {sk} layer, x AS {col}, expert, any_value(nx.tokens) AS tokens, count(*) AS routed,
-                     count(*) / any_value(nx.tokens) AS share
-              FROM r JOIN nx USING ({sk} layer, x) GROUP BY ALL)
+        v0 AS (SELECT {sk} layer, x, expert, count(*) AS routed, count(*) FILTER (WHERE slot = 0) AS top1
+               FROM r GROUP BY ALL),
+        nx AS (SELECT {sk} layer, x, sum(top1)::BIGINT AS tokens FROM v0 GROUP BY ALL HAVING tokens >= ?),
+        v AS (SELECT {sk} layer, x AS {col}, expert, nx.tokens, routed, routed / nx.tokens AS share
+              FROM v0 JOIN nx USING ({sk} layer, x))
         SELECT * FROM v
         {f"QUALIFY row_number() OVER (PARTITION BY {sk} layer, expert ORDER BY share DESC, tokens DESC, {col}) <= {top}"
          if top else ""}
