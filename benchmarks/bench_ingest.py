@@ -1,30 +1,39 @@
-"""End-to-end ingest rate: probe RedisSink -> Redis stream -> Celery worker -> store, all on
-this machine (loopback), against the naive alternative of one Celery task per
-token-layer JSON message, measured in the same run.
+"""End-to-end ingest rate: probe RedisSink -> Redis stream -> Celery worker(s) -> store, all on
+this machine (loopback), against the raw Parquet write of the same frames and the naive
+alternative of one Celery task per token-layer JSON message, measured in the same run.
 
     python benchmarks/bench_ingest.py [--seconds 60] [--rows-per-frame 500000]
                                       [--workers 1 --ingest-threads 2] [--naive-seconds 15]
-                                      [--pre-encoded]
+                                      [--pre-encoded] [--workers 1,2,4 --rounds 2]
 
-Frames look like a training step of a mid-size MoE: 8 MoE layers, top-2, a sequential
-position column, Zipf token ids, skewed expert choice; each also carries token_stats
-(one row per token-layer) and expert_step. The producer keeps at most a few frames in
-flight (it waits on the sink's backlog), so the figure is the sustained rate the
-workers store, not the rate Redis accepts. --pre-encoded XADDs already-encoded frames
-(the probe usually runs on another machine and its encoding is not the worker's cost).
+Frames are cut by the probe's own Framer from synthetic router outputs shaped like a
+training step of a mid-size MoE: 8 MoE layers, E=8, top-2, sequences of 2048 positions,
+Zipf token ids, skewed expert choice. Like every probe frame they carry token_stats,
+expert_step and the rollups the probe counts (meta "rollups": true), so the store writes
+them as they come; frames without rollups (imports, other producers) make the store
+derive them, measured separately in process. The producer keeps a few frames in flight
+(it waits on the group's backlog), so the figure is the sustained rate the workers
+store, not the rate Redis accepts. --pre-encoded XADDs already-encoded frames (the probe
+usually runs on another machine and its encoding is not the worker's cost).
 
-Also measured in the same run, on the same frames and with as many threads as the
-workers have: the raw limit (pyarrow writing the frames' tables to Parquet with the
+Also measured in the same run, on the same frames, with as many threads as one worker
+has: the raw limit (pyarrow writing every table the store writes to Parquet with the
 store's options, nothing else), and the worker's own path in this process (decode +
-Store.write_frame) with the time split by phase, so the gap to the raw write is located.
+Store.write_frame) with the time split by phase. During each stream window the CPU
+seconds of the worker processes, the Redis server and this (producer) process are read
+from /proc, per million routing rows, so the gap to the raw write is located.
 
-Prints routing rows/s for each path and the stream path's ratio to the raw write.
+With a list of worker counts (--workers 1,2,4) the stream path is measured once per
+count, in that order, --rounds times; each count's median is printed with its ratio to
+the first count's (scaling on this machine).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,48 +46,62 @@ import pyarrow as pa
 
 from moescope.collector.celery_app import app
 from moescope.frame import Frame, encode
-from moescope.schema import EXPERT_STEP, ROUTING, TOKEN_STATS
+from moescope.schema import ROUTING, TABLES
 
 RUN = "bench-ingest"
-LAYERS, K, E = 8, 2, 8
+LAYERS, K, E, SEQ_LEN = 8, 2, 8, 2048
+
+
+def probe_frame(rows: int, step: int, seed: int, producer: str = "bench") -> Frame:
+    """One training step as the probe ships it, about `rows` routing rows, cut by the probe's own Framer.
+
+    Sequences of SEQ_LEN positions, Zipf token ids, skewed top-K expert choice, one domain;
+    the frame carries token_stats, expert_step and the rollups the probe counts (meta
+    "rollups": true), so the store writes them as they are.
+    """
+    import torch
+
+    from moescope.probe.adapters.base import RouterSite
+    from moescope.probe.capture import AGG_NUM_TOKENS, AGG_PROB, AGG_ROWS, AGG_TOKENS, AGG_TOP1, AGG_WEIGHT, CallTensors
+    from moescope.probe.framer import ForwardRecord, Framer, SiteRecord
+
+    rng = np.random.default_rng(seed)
+    tokens = max(1, rows // (LAYERS * K))
+    length = min(SEQ_LEN, tokens)
+    batch = max(1, tokens // length)
+    t = batch * length
+    sites = [RouterSite(f"model.layers.{layer}.mlp.gate", layer, E, K, "softmax-topk") for layer in range(LAYERS)]
+    log_p = np.log(rng.dirichlet(np.ones(E) * 0.7))
+    records = []
+    for site in sites:
+        ids_TK = np.argsort(log_p - np.log(-np.log(rng.random((t, E)))), axis=1)[:, :K]  # Gumbel top-K
+        weights_TK = rng.random((t, K), dtype=np.float32)
+        stats_T3 = np.stack([rng.random(t, dtype=np.float32) * 2, rng.random(t, dtype=np.float32) + 3,
+                             rng.random(t, dtype=np.float32)], 1)
+        dropped_TK = rng.random((t, K)) < 0.02
+        agg_6E = np.zeros((AGG_ROWS, E))
+        for row, ids, values in ((AGG_TOKENS, ids_TK, 1.0), (AGG_WEIGHT, ids_TK, weights_TK), (AGG_TOP1, ids_TK[:, 0], 1.0)):
+            np.add.at(agg_6E[row], ids.ravel(), np.ravel(values) if np.ndim(values) else values)
+        agg_6E[AGG_PROB], agg_6E[AGG_NUM_TOKENS] = t / E, t
+        call = CallTensors(torch.from_numpy(ids_TK.astype(np.int16)), torch.from_numpy(weights_TK),
+                           torch.from_numpy(stats_T3), torch.from_numpy(dropped_TK))
+        records.append(SiteRecord(site, torch.from_numpy(agg_6E), [call]))
+    input_ids_BS = torch.from_numpy(np.minimum(rng.zipf(1.3, (batch, length)), 50_000))
+    framer = Framer(RUN, producer, sites, sample_rate=1.0)
+    framer.add(ForwardRecord("step-0", step, 0, 0, "train", ["web"] * batch, batch, length, 0, input_ids_BS, None, None,
+                             sites=records))
+    return framer.emit()
 
 
 def step_tables(rows: int, step: int, seed: int) -> dict[str, pa.Table]:
-    """One training step's tables with `rows` routing rows (tokens = rows / (LAYERS * K))."""
-    rng = np.random.default_rng(seed)
-    tokens = max(1, rows // (LAYERS * K))
-    n_tl = tokens * LAYERS
-    layer_TL = np.repeat(np.arange(LAYERS, dtype=np.int16), tokens)
-    pos_TL = np.tile(np.arange(tokens, dtype=np.int32) % 2048, LAYERS)
-    tok_TL = np.tile(np.minimum(rng.zipf(1.3, tokens), 50_000).astype(np.int32), LAYERS)
-    probs_E = rng.dirichlet(np.ones(E) * 0.7)
-    experts_N = rng.choice(E, size=n_tl * K, p=probs_E).astype(np.int16)
-    common = {"run": pa.array([RUN] * 1).take(np.zeros(n_tl * K, np.int64)),
-              "checkpoint": pa.array(["step-0"]).take(np.zeros(n_tl * K, np.int64))}
-    routing = pa.Table.from_pydict({
-        **common, "step": np.full(n_tl * K, step), "rank": np.zeros(n_tl * K, np.int32),
-        "microbatch": np.zeros(n_tl * K, np.int32), "seq": np.repeat(pos_TL // 2048, K).astype(np.int32),
-        "pos": np.repeat(pos_TL, K), "token_id": np.repeat(tok_TL, K), "layer": np.repeat(layer_TL, K),
-        "slot": np.tile(np.arange(K, dtype=np.int8), n_tl), "expert": experts_N,
-        "weight": rng.random(n_tl * K, dtype=np.float32), "dropped": rng.random(n_tl * K) < 0.02,
-        "domain": pa.array(["web"]).take(np.zeros(n_tl * K, np.int64)),
-        "phase": pa.array(["train"]).take(np.zeros(n_tl * K, np.int64)), "probe_set": pa.nulls(n_tl * K, pa.string())},
-        schema=ROUTING)
-    token_stats = pa.Table.from_pydict({
-        "run": common["run"].slice(0, n_tl), "checkpoint": common["checkpoint"].slice(0, n_tl),
-        "step": np.full(n_tl, step), "rank": np.zeros(n_tl, np.int32), "microbatch": np.zeros(n_tl, np.int32),
-        "seq": (pos_TL // 2048).astype(np.int32), "pos": pos_TL, "token_id": tok_TL, "layer": layer_TL,
-        "entropy": rng.random(n_tl, dtype=np.float32) * 2, "logsumexp": rng.random(n_tl, dtype=np.float32),
-        "margin": rng.random(n_tl, dtype=np.float32), "domain": pa.array(["web"]).take(np.zeros(n_tl, np.int64)),
-        "phase": pa.array(["train"]).take(np.zeros(n_tl, np.int64)), "probe_set": pa.nulls(n_tl, pa.string())},
-        schema=TOKEN_STATS)
-    n_le = LAYERS * E
-    expert_step = pa.Table.from_pydict({
-        "run": [RUN] * n_le, "checkpoint": ["step-0"] * n_le, "step": [step] * n_le, "rank": [0] * n_le,
-        "layer": np.repeat(np.arange(LAYERS), E), "expert": np.tile(np.arange(E), LAYERS), "num_tokens": [tokens] * n_le,
-        "tokens": [tokens * K // E] * n_le, "dropped": [0] * n_le, "top1": [tokens // E] * n_le,
-        "prob_sum": [tokens / E] * n_le, "weight_sum": [tokens / E] * n_le, "phase": ["train"] * n_le}, schema=EXPERT_STEP)
-    return {"routing": routing, "token_stats": token_stats, "expert_step": expert_step}
+    """The per-token tables and expert_step of probe_frame, without rollups (what an import or another producer sends)."""
+    return {name: t for name, t in probe_frame(rows, step, seed).tables.items() if name in TABLES}
+
+
+def without_rollups(frame: Frame) -> Frame:
+    """The same frame as a producer that does not count rollups sends it: the store derives them."""
+    meta = {k: v for k, v in frame.meta.items() if k != "rollups"}
+    return dataclasses.replace(frame, tables={n: t for n, t in frame.tables.items() if n in TABLES}, meta=meta)
 
 
 # ---------------------------------------------------------------- the naive alternative
@@ -144,56 +167,87 @@ def stored_routing_rows(store, run) -> int:
             md.segments.c.table_name == "routing", md.segments.c.run == run)).scalar())
 
 
-def bench_stream(args, env, url, store) -> float:
+def bench_stream(args, env, url, store, templates: list[Frame], workers: int) -> float:
+    """Routing rows/s stored by `workers` worker processes over the window; prints CPU seconds per process kind."""
     import redis
 
     from moescope.probe.redis_sink import RedisSink
 
-    templates = [step_tables(args.rows_per_frame, step, seed=step) for step in range(4)]
-    encoded = [encode(Frame(RUN, "bench-pre", i, tables=t)) for i, t in enumerate(templates)] if args.pre_encoded else None
-    procs = start_workers({**env, "MOESCOPE_STREAM": "moescope:frames"}, args.workers, args.ingest_threads,
-                          ["--pool=solo"])
-    sink = RedisSink(url, spool_dir=Path(env["MOESCOPE_STORE"]).parent / "spool", ack_poll_s=0.1,
-                     queue_bytes=512 << 20, spill_budget_bytes=4 << 30)
+    stream = f"moescope:frames:w{workers}-{uuid.uuid4().hex[:6]}"  # a stream of its own: no leftovers between runs
+    producer = f"bench-{stream[-6:]}"  # sequence numbers start at 0 again for each measurement
+    encoded = [encode(dataclasses.replace(f, producer=producer, seq=i)) for i, f in enumerate(templates)]
+    procs = start_workers({**env, "MOESCOPE_STREAM": stream}, workers, args.ingest_threads, ["--pool=solo"])
+    sink = RedisSink(url, stream=stream, spool_dir=Path(env["MOESCOPE_STORE"]).parent / f"spool-{stream[-6:]}",
+                     ack_poll_s=0.1, maxlen=64, queue_bytes=512 << 20, spill_budget_bytes=4 << 30)
     client = redis.Redis.from_url(url)
-    seq, in_flight = 0, args.in_flight
+    seq, in_flight = 0, max(args.in_flight, 2 * workers * args.ingest_threads)
     try:
-        time.sleep(3)  # worker start-up
+        _wait_for_consumers(client, stream, workers * args.ingest_threads)
         warm_end = time.monotonic() + args.warmup
-        t0 = r0 = None
+        t0 = r0 = cpu0 = None
         end = warm_end + args.seconds
         while True:
             now = time.monotonic()
             if t0 is None and now >= warm_end:
-                t0, r0 = now, stored_routing_rows(store, RUN)
+                t0, r0, cpu0, load0 = now, stored_routing_rows(store, RUN), _cpu(procs, client), os.getloadavg()[0]
             if now >= end:
                 break
             if args.pre_encoded:
-                if _in_flight(client) < in_flight:
-                    client.xadd("moescope:frames", {"frame": _fresh_id(encoded[seq % 4], seq)}, maxlen=64, approximate=True)
+                if _in_flight(client, stream) < in_flight:
+                    client.xadd(stream, {"frame": _fresh_id(encoded[seq % len(encoded)], seq)}, maxlen=64, approximate=True)
                     seq += 1
                 else:
                     time.sleep(0.005)
             elif sum(sink.backlog()) < in_flight:
-                sink.send(Frame(RUN, "bench-p0", seq, tables=templates[seq % 4]))
+                template = templates[seq % len(templates)]
+                sink.send(Frame(RUN, producer, seq, tables=template.tables, meta=template.meta))
                 seq += 1
             else:
                 time.sleep(0.005)
-        t1, r1 = time.monotonic(), stored_routing_rows(store, RUN)
+        t1, r1, cpu1, load1 = time.monotonic(), stored_routing_rows(store, RUN), _cpu(procs, client), os.getloadavg()[0]
     finally:
         sink.close()
         stop(procs)
     rate = (r1 - r0) / (t1 - t0)
     mode = "pre-encoded XADD" if args.pre_encoded else "RedisSink (encode in this process)"
-    print(f"stream ingest  [{mode}]: {r1 - r0:,} routing rows in {t1 - t0:.1f}s = {rate / 1e6:.2f} M rows/s "
-          f"({args.workers} worker(s) x {args.ingest_threads} thread(s), {args.rows_per_frame:,} rows/frame)", flush=True)
+    per_m = {k: (cpu1[k] - cpu0[k]) / max(r1 - r0, 1) * 1e6 for k in cpu0}
+    print(f"stream ingest  [{mode}, {workers} worker(s) x {args.ingest_threads} thread(s)]: {r1 - r0:,} routing rows in "
+          f"{t1 - t0:.1f}s = {rate / 1e6:.2f} M rows/s; CPU s per M rows: workers {per_m['workers']:.2f}, "
+          f"redis-server {per_m['redis']:.2f}, producer {per_m['producer']:.2f}; load average {load0:.1f} -> {load1:.1f}",
+          flush=True)
     return rate
 
 
-def _in_flight(client) -> int:
+def _cpu(procs, client) -> dict[str, float]:
+    """CPU seconds so far of the worker processes, the Redis server, and this (producer) process."""
+    def of(pid: int) -> float:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return {"workers": sum(of(p.pid) for p in procs), "redis": of(int(client.info("server")["process_id"])),
+            "producer": time.process_time()}
+
+
+def _wait_for_consumers(client, stream: str, n: int, timeout: float = 300.0) -> None:
+    """Until `n` consumers have joined the ingest group (worker start-up takes long on a loaded machine)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            groups = client.xinfo_groups(stream)
+        except Exception:  # noqa: BLE001 - no stream yet
+            groups = []
+        if groups and int(groups[0]["consumers"]) >= n:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{n} consumers did not join the ingest group of {stream} within {timeout:.0f}s")
+
+
+def _in_flight(client, stream: str) -> int:
     """Entries not yet read by the ingest group plus those read and not yet acknowledged."""
     try:
-        groups = client.xinfo_groups("moescope:frames")
+        groups = client.xinfo_groups(stream)
     except Exception:  # noqa: BLE001 - the group appears when the first worker starts
         return 0
     return int(groups[0].get("lag") or 0) + int(groups[0]["pending"]) if groups else 0
@@ -257,52 +311,59 @@ def _threaded_rate(fn, items, threads: int, seconds: float) -> float:
     return done[0] / (time.monotonic() - t0)
 
 
-def bench_raw_and_worker_path(args, work: Path) -> float:
-    """The raw Parquet write of the frames' tables (the limit) and decode + write_frame in this process."""
+def bench_raw(args, work: Path, templates: list[Frame]) -> float:
+    """The raw Parquet write of the frames' tables with the store's options: the limit."""
     import pyarrow.parquet as pq
 
-    from moescope.collector import store as store_mod
-    from moescope.frame import decode
+    from moescope.collector.segment_fs import INGEST_PARQUET_KW
 
-    threads = args.workers * args.ingest_threads
-    templates = [step_tables(args.rows_per_frame, step, seed=step) for step in range(4)]
+    threads = args.ingest_threads
     raw_dir = work / "raw"
     raw_dir.mkdir()
 
-    def raw(tables):
-        for name, table in tables.items():
+    def raw(frame):
+        for name, table in frame.tables.items():  # every table the store writes, rollups included
             strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
             pq.write_table(table, raw_dir / f"{name}-{uuid.uuid4().hex}.parquet", use_dictionary=strings,
-                           **store_mod._INGEST_PARQUET_KW)
-        return tables["routing"].num_rows
+                           **INGEST_PARQUET_KW)
+        return frame.tables["routing"].num_rows
 
     raw_rate = _threaded_rate(raw, templates, threads, args.raw_seconds)
     print(f"raw Parquet write [the limit: pyarrow, store options, {threads} thread(s)]: {raw_rate / 1e6:.2f} M rows/s",
           flush=True)
     shutil.rmtree(raw_dir, ignore_errors=True)
-
-    encoded = [encode(Frame(RUN, "bench-pre", i, tables=t)) for i, t in enumerate(templates)]
-    store = store_mod.Store(work / "inproc")
-    phases = {"decode": 0.0, "write_frame": 0.0}
-    seqs = iter(range(10**9))
-
-    def worker_path(data):
-        t0 = time.perf_counter()
-        frame = decode(_fresh_id(data, next(seqs)))
-        t1 = time.perf_counter()
-        store.write_frame(frame)
-        t2 = time.perf_counter()
-        phases["decode"] += t1 - t0
-        phases["write_frame"] += t2 - t1
-        return frame.tables["routing"].num_rows
-
-    rate = _threaded_rate(worker_path, encoded, threads, args.raw_seconds)
-    total = sum(phases.values()) or 1.0
-    print(f"worker path in process [decode + Store.write_frame, {threads} thread(s)]: {rate / 1e6:.2f} M rows/s "
-          f"= {rate / raw_rate:.2f}x raw; time: decode {phases['decode'] / total:.0%}, "
-          f"write_frame {phases['write_frame'] / total:.0%}", flush=True)
-    store.close()
     return raw_rate
+
+
+def bench_worker_path(args, work: Path, templates: list[Frame], raw_rate: float) -> None:
+    """decode + Store.write_frame in this process, on frames with and without the probe's rollups."""
+    from moescope.collector.store import Store
+    from moescope.frame import decode
+
+    threads = args.ingest_threads
+    for label, frames in (("frames with the probe's rollups", templates),
+                          ("frames without rollups: the store derives them", [without_rollups(f) for f in templates])):
+        encoded = [encode(dataclasses.replace(f, producer=f"bench-{label[:11]}", seq=i)) for i, f in enumerate(frames)]
+        store = Store(work / f"inproc-{uuid.uuid4().hex[:6]}")
+        phases = {"decode": 0.0, "write_frame": 0.0}
+        seqs = iter(range(10**9))
+
+        def worker_path(data):
+            t0 = time.perf_counter()
+            frame = decode(_fresh_id(data, next(seqs)))
+            t1 = time.perf_counter()
+            store.write_frame(frame)
+            t2 = time.perf_counter()
+            phases["decode"] += t1 - t0
+            phases["write_frame"] += t2 - t1
+            return frame.tables["routing"].num_rows
+
+        rate = _threaded_rate(worker_path, encoded, threads, args.raw_seconds)
+        total = sum(phases.values()) or 1.0
+        print(f"worker path in process [decode + Store.write_frame, {threads} thread(s), {label}]: "
+              f"{rate / 1e6:.2f} M rows/s = {rate / raw_rate:.2f}x raw; time: decode {phases['decode'] / total:.0%}, "
+              f"write_frame {phases['write_frame'] / total:.0%}", flush=True)
+        store.close()
 
 
 def main(argv=None) -> int:
@@ -310,7 +371,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=60.0, help="measured window of the stream path (default 60)")
     ap.add_argument("--warmup", type=float, default=5.0)
     ap.add_argument("--rows-per-frame", type=int, default=500_000)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", default="1", help="worker processes; a list (1,2,4) measures the stream path once per "
+                    "count, in this order, repeated --rounds times, and prints each count's ratio to the first")
+    ap.add_argument("--rounds", type=int, default=1, help="repeats of the --workers list (medians are reported)")
+    ap.add_argument("--skip-in-process", action="store_true", help="measure only the raw write and the stream path")
     ap.add_argument("--ingest-threads", type=int, default=2)
     ap.add_argument("--in-flight", type=int, default=12, help="frames the producer keeps unacknowledged (default 12)")
     ap.add_argument("--naive-seconds", type=float, default=15.0)
@@ -318,6 +382,13 @@ def main(argv=None) -> int:
     ap.add_argument("--pre-encoded", action="store_true", help="XADD pre-encoded frames instead of using RedisSink")
     ap.add_argument("--database-url", default=None)
     args = ap.parse_args(argv)
+    try:
+        counts = [int(n) for n in args.workers.split(",")]
+        if not counts or min(counts) < 1:
+            raise ValueError
+    except ValueError:
+        print(f"--workers must be positive counts separated by commas, got {args.workers!r}", file=sys.stderr)
+        return 2
     if shutil.which("redis-server") is None:
         print("redis-server not on PATH", file=sys.stderr)
         return 2
@@ -332,7 +403,8 @@ def main(argv=None) -> int:
     env = {**os.environ, "MOESCOPE_BROKER_URL": url, "MOESCOPE_STORE": str(work / "store"), "MOESCOPE_CLAIM_IDLE_S": "30"}
     if args.database_url:
         env["MOESCOPE_DATABASE_URL"] = args.database_url
-    print(f"machine: {os.cpu_count()} CPU cores; redis on loopback; store {work / 'store'}", flush=True)
+    print(f"machine: {os.cpu_count()} CPU cores; load average {os.getloadavg()[0]:.1f}; redis on loopback; "
+          f"store {work / 'store'}", flush=True)
     try:
         time.sleep(0.5)
         from moescope.collector.celery_app import configure
@@ -340,9 +412,21 @@ def main(argv=None) -> int:
 
         configure(get_settings(broker_url=url, store=str(work / "store"), database_url=args.database_url))
         store = Store(work / "store", args.database_url)
-        raw_rate = bench_raw_and_worker_path(args, work)
-        stream_rate = bench_stream(args, env, url, store)
-        print(f"ratio stream / raw Parquet write: {stream_rate / raw_rate:.2f}x", flush=True)
+        templates = [probe_frame(args.rows_per_frame, step, seed=step) for step in range(4)]
+        raw_rate = bench_raw(args, work, templates)
+        if not args.skip_in_process:
+            bench_worker_path(args, work, templates, raw_rate)
+        rates: dict[int, list[float]] = {n: [] for n in counts}
+        for _ in range(args.rounds):
+            for n in counts:
+                rates[n].append(bench_stream(args, env, url, store, templates, n))
+        stream_rate = statistics.median(rates[counts[0]])
+        print(f"ratio stream / raw Parquet write: {stream_rate / raw_rate:.2f}x ({counts[0]} worker(s))", flush=True)
+        if len(counts) > 1:
+            for n in counts:
+                med = statistics.median(rates[n])
+                print(f"scaling: {n} worker(s) x {args.ingest_threads} thread(s): {med / 1e6:.2f} M rows/s (median of "
+                      f"{len(rates[n])}) = {med / stream_rate:.2f}x {counts[0]} worker(s)", flush=True)
         naive_rate = bench_naive(args, env, store) if args.naive_seconds > 0 else 0.0
         if naive_rate:
             print(f"ratio stream / naive: {stream_rate / naive_rate:,.0f}x")

@@ -232,7 +232,7 @@ def _repeated(value: bytes, n: int) -> pa.StringArray:
     # Built from its buffers: a lookup of n indices into a one-value dictionary costs several times more.
     if len(value) * n >= 2**31:
         raise FrameError(f"a string column of {n} rows of {len(value)} bytes is more than one Arrow array holds")
-    offsets = (np.arange(n + 1, dtype=np.int64) * len(value)).astype(np.int32)
+    offsets = np.arange(0, (n + 1) * len(value), len(value), np.int32) if value else np.zeros(n + 1, np.int32)
     return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(value * n))
 
 
