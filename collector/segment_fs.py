@@ -21,9 +21,12 @@ import os
 import posixpath
 import shutil
 import tempfile
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -92,6 +95,11 @@ class LocalFiles:
     def write_parquet(self, table: pa.Table, rel: str, options: dict = INGEST_PARQUET_KW) -> None:
         with _atomic_file(self.path(rel)) as fh:
             _write_table(table, fh, options)
+
+    def write_parquets(self, items: list[tuple[pa.Table, str]]) -> None:
+        """A frame's tables, each as write_parquet."""
+        for table, rel in items:
+            self.write_parquet(table, rel)
 
     def write_parquet_parts(self, parts: Iterable[pa.Table], schema: pa.Schema, rel: str, options: dict) -> int:
         with _atomic_file(self.path(rel)) as fh:
@@ -167,12 +175,14 @@ class ObjectFiles:
         import duckdb
 
         with contextlib.suppress(duckdb.InvalidInputException):  # registered already
-            con.register_filesystem(self.fs)
+            con.register_filesystem(_reader(self.fs))
 
     def write_parquet(self, table: pa.Table, rel: str, options: dict = INGEST_PARQUET_KW) -> None:
-        sink = pa.BufferOutputStream()
-        _write_table(table, sink, options)
-        self.fs.pipe_file(self.key(rel), sink.getvalue().to_pybytes())  # one PUT: the object appears whole
+        self.fs.pipe_file(self.key(rel), _parquet_bytes(table, options))  # one PUT: the object appears whole
+
+    def write_parquets(self, items: list[tuple[pa.Table, str]]) -> None:
+        """A frame's tables, each one PUT, sent concurrently."""
+        self.fs.pipe({self.key(rel): _parquet_bytes(table, INGEST_PARQUET_KW) for table, rel in items})
 
     def write_parquet_parts(self, parts: Iterable[pa.Table], schema: pa.Schema, rel: str, options: dict) -> int:
         # Through a local temporary file, so a failure half-way never leaves a truncated object.
@@ -208,6 +218,103 @@ class ObjectFiles:
             self.fs.rm_file(source)
 
 
+# DuckDB's reads of objects: what one process keeps of objects' bytes, and the largest object kept.
+READ_CACHE_BYTES = 256 << 20
+READ_CACHE_MAX_OBJECT = 64 << 20
+_READERS: dict[int, Any] = {}
+_READERS_LOCK = threading.Lock()
+
+
+def _reader(fs):
+    """The one read-through cache over `fs` in this process (fsspec shares `fs` among stores too)."""
+    with _READERS_LOCK:
+        reader = _READERS.get(id(fs))
+        if reader is None or reader.fs is not fs:
+            reader = _READERS[id(fs)] = _make_reader(fs)
+        return reader
+
+
+def _make_reader(fs):
+    from fsspec.implementations.memory import MemoryFile
+    from fsspec.spec import AbstractFileSystem
+
+    class ImmutableObjects(AbstractFileSystem):
+        """`fs` as DuckDB reads segments: an object never changes under its name, so its details are
+        asked for once and its bytes fetched in one GET and kept (LRU, READ_CACHE_BYTES).
+
+        Without it DuckDB asks for each file's details about ten times per query (each a
+        HEAD) and reads it in several ranged GETs.
+        """
+
+        cachable = False
+        protocol = fs.protocol
+
+        def __init__(self):
+            super().__init__()
+            self.fs = fs
+            self._details: OrderedDict[str, dict] = OrderedDict()
+            self._bytes: OrderedDict[str, bytes] = OrderedDict()
+            self._held = 0
+            self._lock = threading.Lock()
+
+        def _strip_protocol(self, path):
+            return fs._strip_protocol(path)
+
+        def info(self, path, **kwargs):
+            path = self._strip_protocol(path)
+            with self._lock:
+                found = self._details.get(path)
+            if found is None:
+                found = fs.info(path)
+                with self._lock:
+                    self._details[path] = found
+                    if len(self._details) > 100_000:
+                        self._details.popitem(last=False)
+            return found
+
+        def modified(self, path):
+            found = self.info(path)
+            stamp = found.get("LastModified") or found.get("mtime") or found.get("updated")
+            return stamp if stamp is not None else fs.modified(self._strip_protocol(path))
+
+        def exists(self, path, **kwargs):
+            try:
+                self.info(path)
+                return True
+            except FileNotFoundError:
+                return False
+
+        def glob(self, path, **kwargs):
+            if any(c in path for c in "*?["):
+                return fs.glob(path, **kwargs)
+            return [self._strip_protocol(path)] if self.exists(path) else []
+
+        def ls(self, path, detail=True, **kwargs):
+            return fs.ls(path, detail=detail, **kwargs)
+
+        def _open(self, path, mode="rb", **kwargs):
+            if mode != "rb":
+                return fs.open(path, mode)
+            size = self.info(path)["size"]
+            if size > READ_CACHE_MAX_OBJECT:
+                return fs.open(path, "rb")
+            with self._lock:
+                data = self._bytes.get(path)
+                if data is not None:
+                    self._bytes.move_to_end(path)
+            if data is None:
+                data = fs.cat_file(path)
+                with self._lock:
+                    if path not in self._bytes:
+                        self._bytes[path] = data
+                        self._held += len(data)
+                    while self._held > READ_CACHE_BYTES and len(self._bytes) > 1:
+                        self._held -= len(self._bytes.popitem(last=False)[1])
+            return MemoryFile(None, path, data)
+
+    return ImmutableObjects()
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -234,6 +341,12 @@ def _write_table(table: pa.Table, sink, options: dict) -> None:
     # numeric columns it halves write speed and saves nothing after zstd.
     strings = [f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
     pq.write_table(table, sink, use_dictionary=strings, **options)
+
+
+def _parquet_bytes(table: pa.Table, options: dict) -> bytes:
+    sink = pa.BufferOutputStream()
+    _write_table(table, sink, options)
+    return sink.getvalue().to_pybytes()
 
 
 def _write_parts(parts: Iterable[pa.Table], schema: pa.Schema, sink, options: dict) -> int:

@@ -102,12 +102,11 @@ class Store(AlertRecords):
         tables = frame.tables if frame.meta.get("rollups") else {**frame.tables, **rollups(frame.tables)}
         try:
             for name, table in tables.items():
-                if table.num_rows == 0:
-                    continue
-                rel = f"segments/{name}/run={frame.run}/{frame.frame_id}-{attempt}.parquet"
-                self.files.write_parquet(table, rel)
-                written.append({"path": rel, "run": frame.run, "table_name": name, "rows": table.num_rows,
-                                "created_at": time.time()})
+                if table.num_rows:  # listed before writing, so a failure half-way removes what got written
+                    written.append({"path": f"segments/{name}/run={frame.run}/{frame.frame_id}-{attempt}.parquet",
+                                    "run": frame.run, "table_name": name, "rows": table.num_rows,
+                                    "created_at": time.time()})
+            self.files.write_parquets([(tables[w["table_name"]], w["path"]) for w in written])
             with self.engine.begin() as conn:
                 self._register_meta(conn, frame)
                 conn.execute(insert(md.ingest_ledger).values(
@@ -216,6 +215,12 @@ class Store(AlertRecords):
                 conn.execute(insert(md.checkpoints).values(run=run, checkpoint=checkpoint, step=step, path=path, created_at=time.time()))
         except IntegrityError:
             pass
+
+    def checkpoint_dir(self, run: str) -> Path:
+        """Where model checkpoint files of `run` go (torch loads them by path): in the store directory, or under
+        ./moescope-checkpoints when the store is on object storage."""
+        check_run_id(run)
+        return (Path("moescope-checkpoints").absolute() if self.remote else self.root / "checkpoints") / run
 
     def add_checkpoint(self, run: str, checkpoint: str, step: int | None = None, path: str | None = None) -> None:
         check_run_id(run)

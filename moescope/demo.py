@@ -7,6 +7,7 @@ between checkpoints is measured on exactly the same tokens.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from pathlib import Path
@@ -40,9 +41,7 @@ def run_demo(store: Store, *, steps: int = 60, run: str | None = None, seed: int
     corpus = build_corpus(seq_len=seq_len, seed=seed)
     model = MoETransformer.from_config(demo_model_config(backend), seed=seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    # Checkpoints are files torch loads by path: in the store directory, or under ./moescope-checkpoints
-    # when the store is on object storage.
-    ckpt_dir = (Path("moescope-checkpoints").absolute() if store.remote else store.root / "checkpoints") / run
+    ckpt_dir = store.checkpoint_dir(run)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     save_at = sorted({max(1, round(steps * (i + 1) / checkpoints)) for i in range(max(checkpoints, 1))})
     stream = itertools.cycle(list(batches(corpus, batch_size=batch_size, generator=torch.Generator().manual_seed(seed))))
@@ -50,7 +49,9 @@ def run_demo(store: Store, *, steps: int = 60, run: str | None = None, seed: int
     store.add_checkpoint(run, "step-0", 0, str(saved[0][2]))
     tokens = 0
     model.train()
-    with attach(model, sink=LocalSink(store.root, store.database_url), run=run, checkpoint="step-0", step=0, tokenizer=ByteTokenizer()) as probe:
+    # The sink writes with the store's own metadata DB, however it was given (--database-url included).
+    with contextlib.closing(LocalSink(store.root, store.database_url)) as sink, \
+            attach(model, sink=sink, run=run, checkpoint="step-0", step=0, tokenizer=ByteTokenizer()) as probe:
         bar = tqdm(range(1, steps + 1), desc=f"training {run}", unit="step", disable=not progress)
         for step in bar:
             input_ids, attention_mask, domains = next(stream)

@@ -129,7 +129,7 @@ def train(recorder: Recorder, run: str, setup: Setup, *, steps: int, seed: int, 
     optimizer = torch.optim.AdamW(model.parameters(), lr=setup.lr, weight_decay=0.0)
     stream = itertools.cycle(training_batches(setup, seed))
     save_at = {max(1, round(steps * (i + 1) / checkpoints)) for i in range(checkpoints)}
-    ckpt_dir = recorder.store.root / "checkpoints" / run
+    ckpt_dir = recorder.store.checkpoint_dir(run)
     saved: list[tuple[str, int, Path]] = []
     if checkpoints:
         saved.append(_save(recorder.store, run, model, ckpt_dir, 0))
