@@ -14,8 +14,8 @@ from collections import defaultdict
 import numpy as np
 import pyarrow as pa
 
-from moescope.schema import ROLLUP_QUANTILES, ROLLUPS, SKETCH_STATS
-from moescope.sketch import group_quantiles, sketch_bins
+from moescope.schema import ROLLUP_QUANTILES, ROLLUPS, SKETCH_STATS, SKETCH_ZERO_BIN
+from moescope.sketch import sketch_bins
 
 Key = tuple  # (checkpoint, step, rank, phase, layer)
 
@@ -75,51 +75,98 @@ class RollupAccumulator:
 
     def tables(self, run: str) -> dict[str, pa.Table]:
         """The pending rollups as tables of the record contract; clears them."""
-        one = lambda v: np.array([v])  # noqa: E731
-        steps, hist = [], []
-        for key, v in self._tok.items():
-            cols = {"tokens": one(int(v[0])), "entropy_sum": one(v[1]), "margin_sum": one(v[2]),
-                    "z_tokens": one(int(v[3])), "z_sum": pa.array([float(v[4])], mask=np.array([v[3] == 0]))}
-            for s, stat in enumerate(SKETCH_STATS):
+        keys = list(self._tok)
+        tok = np.array([self._tok[key] for key in keys]).reshape(len(keys), 5)
+        step_cols = {"tokens": tok[:, 0].astype(np.int64), "entropy_sum": tok[:, 1], "margin_sum": tok[:, 2],
+                     "z_tokens": tok[:, 3].astype(np.int64), "z_sum": _nulls_for(tok[:, 4], tok[:, 3] == 0)}
+        hist_keys, hist_cols = [], {"stat": [], "bin": [], "tokens": []}
+        for s, stat in enumerate(SKETCH_STATS):
+            qs = np.full((len(keys), len(ROLLUP_QUANTILES)), np.nan)
+            xs, gs = [], []
+            for i, key in enumerate(keys):
                 x = np.concatenate([part[s] for part in self._values[key]])
                 x = x[np.isfinite(x)]
-                qs = group_quantiles(np.zeros(x.size, np.int64), 1, x, ROLLUP_QUANTILES)[0]
-                cols.update({f"{stat}_p{round(q * 100):02d}": pa.array([v], mask=np.array([np.isnan(v)]))
-                             for q, v in zip(ROLLUP_QUANTILES, qs)})
-                bins, counts = np.unique(sketch_bins(x), return_counts=True)
-                hist.append((key, {"stat": np.full(bins.size, stat, object), "bin": bins, "tokens": counts}))
-            steps.append((key, cols))
-        out = {"token_step": _table("token_step", run, steps), "token_hist": _table("token_hist", run, hist)}
-        dom = []
-        for key, doms in self._domain.items():
-            for d, c in doms.items():
+                if x.size:  # linear interpolation, as DuckDB's quantile_cont (a partition, not a sort)
+                    qs[i] = np.quantile(x, ROLLUP_QUANTILES)
+                xs.append(x)
+                gs.append(np.full(x.size, i, np.int64))
+            step_cols.update({f"{stat}_p{round(q * 100):02d}": _nulls_for(qs[:, j], np.isnan(qs[:, j]))
+                              for j, q in enumerate(ROLLUP_QUANTILES)})
+            key_of, bins, counts = _bin_counts(_cat(gs), sketch_bins(_cat(xs)), len(keys))
+            hist_keys.append(key_of)
+            hist_cols["stat"].append(np.full(bins.size, stat, object))
+            hist_cols["bin"].append(bins)
+            hist_cols["tokens"].append(counts)
+        out = {"token_step": _table("token_step", run, keys, np.arange(len(keys)), step_cols),
+               "token_hist": _table("token_hist", run, keys, np.concatenate(hist_keys) if hist_keys else np.zeros(0, int),
+                                    {c: np.concatenate(v) for c, v in hist_cols.items()})}
+        idx, dom_cols = [], {"domain": [], "expert": [], "routed": [], "top1": []}
+        for i, key in enumerate(keys):
+            for d, c in self._domain.get(key, {}).items():
                 x = np.flatnonzero(c[0])
-                dom.append((key, {"domain": np.array([d] * len(x), object), "expert": x, "routed": c[0, x], "top1": c[1, x]}))
-        out["domain_step"] = _table("domain_step", run, dom)
-        coact = []
-        for key, co in self._coact.items():
-            i, j = np.nonzero(co)
-            coact.append((key, {"expert_i": i, "expert_j": j, "together": co[i, j]}))
-        out["coact_step"] = _table("coact_step", run, coact)
-        out["repeat_step"] = _table("repeat_step", run, [
-            (key, {"pairs": one(v[0]), "top1_repeat": one(v[1]), "topk_overlap": one(v[2])})
-            for key, v in self._repeat.items() if v[0]])
+                idx.append(np.full(x.size, i))
+                dom_cols["domain"].append(np.full(x.size, d, object))
+                dom_cols["expert"].append(x)
+                dom_cols["routed"].append(c[0, x])
+                dom_cols["top1"].append(c[1, x])
+        out["domain_step"] = _table("domain_step", run, keys, _cat(idx), {c: _cat(v) for c, v in dom_cols.items()})
+        idx, co_cols = [], {"expert_i": [], "expert_j": [], "together": []}
+        for i, key in enumerate(keys):
+            co = self._coact.get(key)
+            if co is None:
+                continue
+            a, b = np.nonzero(co)
+            idx.append(np.full(a.size, i))
+            co_cols["expert_i"].append(a)
+            co_cols["expert_j"].append(b)
+            co_cols["together"].append(co[a, b])
+        out["coact_step"] = _table("coact_step", run, keys, _cat(idx), {c: _cat(v) for c, v in co_cols.items()})
+        rep = [(i, self._repeat[key]) for i, key in enumerate(keys) if key in self._repeat and self._repeat[key][0]]
+        r = np.array([v for _, v in rep], np.int64).reshape(len(rep), 3)
+        out["repeat_step"] = _table("repeat_step", run, keys, np.array([i for i, _ in rep], np.int64),
+                                    {"pairs": r[:, 0], "top1_repeat": r[:, 1], "topk_overlap": r[:, 2]})
         self.__init__()
         return out
 
 
-def _table(name: str, run: str, items: list[tuple[Key, dict]]) -> pa.Table:
-    """Rows of each key (its columns of equal length) under the key's context columns."""
+def _bin_counts(key_of: np.ndarray, bins: np.ndarray, n_keys: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(key, bin, count) of each occupied (key, bin): a bincount over the occupied bin range."""
+    if not bins.size:
+        return key_of, bins, key_of
+    zero = bins == SKETCH_ZERO_BIN
+    lo = int(bins[~zero].min()) if (~zero).any() else 0
+    b = np.where(zero, 0, bins - lo + 1)  # the zero bin below every other
+    width = int(b.max()) + 1
+    counts = np.bincount(key_of * width + b, minlength=n_keys * width)
+    code = np.flatnonzero(counts)
+    b = code % width
+    return code // width, np.where(b == 0, SKETCH_ZERO_BIN, b + lo - 1), counts[code]
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def _nulls_for(values: np.ndarray, null: np.ndarray) -> pa.Array:
+    return pa.array(values, mask=np.asarray(null, bool))
+
+
+def _table(name: str, run: str, keys: list[Key], key_index: np.ndarray, columns: dict) -> pa.Table:
+    """Rows whose context is keys[key_index[row]], then `columns`."""
     schema = ROLLUPS[name]
-    if not items:
+    if not len(key_index):
         return schema.empty_table()
-    parts = []
-    for (checkpoint, step, rank, phase, layer), values in items:
-        n = len(next(iter(values.values())))
-        ctx = {"run": pa.array([run] * n), "checkpoint": pa.array([checkpoint] * n), "step": np.full(n, step),
-               "rank": np.full(n, rank), "layer": np.full(n, layer), "phase": pa.array([phase] * n, pa.string())}
-        parts.append(pa.table({**ctx, **values}).select(schema.names).cast(schema))
-    return pa.concat_tables(parts)
+    key_index = np.asarray(key_index, np.int64)
+    ctx = list(zip(*keys))  # checkpoint, step, rank, phase, layer: one tuple each
+
+    def strings(values) -> pa.Array:
+        return pa.DictionaryArray.from_arrays(pa.array(key_index.astype(np.int32)), pa.array(list(values), pa.string()))
+
+    table = pa.table({"run": pa.array(np.full(len(key_index), run, object), pa.string()),
+                      "checkpoint": strings(ctx[0]), "step": np.asarray(ctx[1], np.int64)[key_index],
+                      "rank": np.asarray(ctx[2], np.int64)[key_index], "layer": np.asarray(ctx[4], np.int64)[key_index],
+                      "phase": strings(ctx[3]), **columns})
+    return table.select(schema.names).cast(schema)
 
 
 def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
