@@ -167,7 +167,7 @@ def stored_routing_rows(store, run) -> int:
             md.segments.c.table_name == "routing", md.segments.c.run == run)).scalar())
 
 
-def bench_stream(args, env, url, store, templates: list[Frame], workers: int) -> float:
+def bench_stream(args, env, url, store, templates: list[Frame], workers: int) -> tuple[float, float]:
     """Routing rows/s stored by `workers` worker processes over the window; prints CPU seconds per process kind."""
     import redis
 
@@ -213,9 +213,9 @@ def bench_stream(args, env, url, store, templates: list[Frame], workers: int) ->
     per_m = {k: (cpu1[k] - cpu0[k]) / max(r1 - r0, 1) * 1e6 for k in cpu0}
     print(f"stream ingest  [{mode}, {workers} worker(s) x {args.ingest_threads} thread(s)]: {r1 - r0:,} routing rows in "
           f"{t1 - t0:.1f}s = {rate / 1e6:.2f} M rows/s; CPU s per M rows: workers {per_m['workers']:.2f}, "
-          f"redis-server {per_m['redis']:.2f}, producer {per_m['producer']:.2f}; load average {load0:.1f} -> {load1:.1f}",
-          flush=True)
-    return rate
+          f"redis-server {per_m['redis']:.2f}, producer {per_m['producer']:.2f} (all {sum(per_m.values()):.2f}); "
+          f"load average {load0:.1f} -> {load1:.1f}", flush=True)
+    return rate, sum(per_m.values())
 
 
 def _cpu(procs, client) -> dict[str, float]:
@@ -288,8 +288,8 @@ def bench_naive(args, env, store) -> float:
     return rate
 
 
-def _threaded_rate(fn, items, threads: int, seconds: float) -> float:
-    """Routing rows/s of calling fn(item) -> rows from `threads` threads for `seconds`."""
+def _threaded_rate(fn, items, threads: int, seconds: float) -> tuple[float, float]:
+    """Routing rows/s of calling fn(item) -> rows from `threads` threads for `seconds`, and CPU seconds per M rows."""
     import itertools
     import threading
 
@@ -302,17 +302,17 @@ def _threaded_rate(fn, items, threads: int, seconds: float) -> float:
             with lock:
                 done[0] += rows
 
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), time.process_time()
     workers = [threading.Thread(target=loop) for _ in range(threads)]
     for w in workers:
         w.start()
     for w in workers:
         w.join()
-    return done[0] / (time.monotonic() - t0)
+    return done[0] / (time.monotonic() - t0), (time.process_time() - cpu0) / max(done[0], 1) * 1e6
 
 
-def bench_raw(args, work: Path, templates: list[Frame]) -> float:
-    """The raw Parquet write of the frames' tables with the store's options: the limit."""
+def bench_raw(args, work: Path, templates: list[Frame], label: str = "the limit") -> tuple[float, float]:
+    """The raw Parquet write of the frames' tables with the store's options: the limit (rows/s, CPU s per M rows)."""
     import pyarrow.parquet as pq
 
     from moescope.collector.segment_fs import INGEST_PARQUET_KW
@@ -328,11 +328,11 @@ def bench_raw(args, work: Path, templates: list[Frame]) -> float:
                            **INGEST_PARQUET_KW)
         return frame.tables["routing"].num_rows
 
-    raw_rate = _threaded_rate(raw, templates, threads, args.raw_seconds)
-    print(f"raw Parquet write [the limit: pyarrow, store options, {threads} thread(s)]: {raw_rate / 1e6:.2f} M rows/s",
-          flush=True)
+    raw_rate, cpu = _threaded_rate(raw, templates, threads, args.raw_seconds)
+    print(f"raw Parquet write [{label}: pyarrow, store options, {threads} thread(s)]: {raw_rate / 1e6:.2f} M rows/s; "
+          f"CPU s per M rows {cpu:.2f}; load average {os.getloadavg()[0]:.1f}", flush=True)
     shutil.rmtree(raw_dir, ignore_errors=True)
-    return raw_rate
+    return raw_rate, cpu
 
 
 def bench_worker_path(args, work: Path, templates: list[Frame], raw_rate: float) -> None:
@@ -358,11 +358,11 @@ def bench_worker_path(args, work: Path, templates: list[Frame], raw_rate: float)
             phases["write_frame"] += t2 - t1
             return frame.tables["routing"].num_rows
 
-        rate = _threaded_rate(worker_path, encoded, threads, args.raw_seconds)
+        rate, cpu = _threaded_rate(worker_path, encoded, threads, args.raw_seconds)
         total = sum(phases.values()) or 1.0
         print(f"worker path in process [decode + Store.write_frame, {threads} thread(s), {label}]: "
-              f"{rate / 1e6:.2f} M rows/s = {rate / raw_rate:.2f}x raw; time: decode {phases['decode'] / total:.0%}, "
-              f"write_frame {phases['write_frame'] / total:.0%}", flush=True)
+              f"{rate / 1e6:.2f} M rows/s = {rate / raw_rate:.2f}x raw; CPU s per M rows {cpu:.2f}; time: decode "
+              f"{phases['decode'] / total:.0%}, write_frame {phases['write_frame'] / total:.0%}", flush=True)
         store.close()
 
 
@@ -413,15 +413,23 @@ def main(argv=None) -> int:
         configure(get_settings(broker_url=url, store=str(work / "store"), database_url=args.database_url))
         store = Store(work / "store", args.database_url)
         templates = [probe_frame(args.rows_per_frame, step, seed=step) for step in range(4)]
-        raw_rate = bench_raw(args, work, templates)
+        raw_rate, raw_cpu = bench_raw(args, work, templates)
         if not args.skip_in_process:
             bench_worker_path(args, work, templates, raw_rate)
         rates: dict[int, list[float]] = {n: [] for n in counts}
+        cpus: dict[int, list[float]] = {n: [] for n in counts}
         for _ in range(args.rounds):
             for n in counts:
-                rates[n].append(bench_stream(args, env, url, store, templates, n))
-        stream_rate = statistics.median(rates[counts[0]])
-        print(f"ratio stream / raw Parquet write: {stream_rate / raw_rate:.2f}x ({counts[0]} worker(s))", flush=True)
+                rate, cpu = bench_stream(args, env, url, store, templates, n)
+                rates[n].append(rate)
+                cpus[n].append(cpu)
+        # The machine's load drifts: the limit is the mean of a raw window before and one after the stream path.
+        after, after_cpu = bench_raw(args, work, templates, "the limit, again")
+        raw_rate, raw_cpu = (raw_rate + after) / 2, (raw_cpu + after_cpu) / 2
+        stream_rate, stream_cpu = statistics.median(rates[counts[0]]), statistics.median(cpus[counts[0]])
+        print(f"ratio stream / raw Parquet write: {stream_rate / raw_rate:.2f}x ({counts[0]} worker(s), against the mean "
+              f"of both raw windows, {raw_rate / 1e6:.2f} M rows/s); CPU per row: raw / stream = "
+              f"{raw_cpu:.2f} / {stream_cpu:.2f} = {raw_cpu / stream_cpu:.2f}x", flush=True)
         if len(counts) > 1:
             for n in counts:
                 med = statistics.median(rates[n])
