@@ -6,11 +6,19 @@ one replay stream.
 - Coverage (exact, expert_step): the share of the window's (token, slot) assignments that
   the N most loaded experts of the window took: an ideal static hot set chosen in hindsight.
 - LRU and LFU hit rates: the routing rows replayed in recorded token order (step,
-  microbatch, seq, pos, then slot), one cache per (layer, rank) since every rank's GPU
-  holds its own. Each routing row is one access; a miss loads the expert, evicting
-  (LRU) the least recently used one, or (LFU) the one with the fewest uses since it
-  was loaded, the least recently used of those on a tie. The cache starts empty, so
+  checkpoint, microbatch, seq, pos, then slot), one cache per (layer, rank) since every
+  rank's GPU holds its own. Each routing row is one access; a miss loads the expert,
+  evicting (LRU) the least recently used one, or (LFU) the one with the fewest uses since
+  it was loaded, the least recently used of those on a tie. The cache starts empty, so
   first uses count as misses. Sampled routing rows give an estimate over the sample.
+
+Cost. Rows are read once, unsorted, as one 64-bit token-order key per row (built by DuckDB
+from the columns' ranges in the segment footers) and sorted in numpy, which finds the
+segments' runs already in order. LRU is exact for every cache size from one pass of stack
+distances (Mattson et al. 1970), O(E·n) numpy. LFU is not a stack algorithm: each size is
+its own sequential replay, exact, in a small C kernel (cache_kernels; Python without a C
+compiler). N = 1 (LFU = LRU) and N at least the stream's distinct experts (nothing is
+evicted) need no replay.
 """
 from __future__ import annotations
 
@@ -19,49 +27,84 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
+from moescope.analysis import cache_kernels
+from moescope.analysis.memo import BoundedMemo
+from moescope.analysis.placement_replay import sql_list
 from moescope.analysis.query import Scope, check_options
 
+# Columns of the replay order after layer and rank, most significant first (checkpoint is coded separately).
+_ORDER = ("step", "checkpoint", "microbatch", "seq", "pos", "slot")
 
-def lru_hits(x_n: np.ndarray, sizes: list[int]) -> dict[int, np.ndarray]:
+
+def lru_hits(x_n: np.ndarray, sizes: list[int], dense: tuple[int, int] | None = None) -> dict[int, np.ndarray]:
     """Per cache size, whether each access of x_n hits an LRU cache of that size.
 
     An access hits an LRU cache of N iff fewer than N distinct other experts were accessed
     since the previous access to the same expert (its stack distance, Mattson et al. 1970),
-    which gives every size from one pass: for each expert e, whether e was accessed between
-    an access's previous occurrence and itself.
+    which gives every size from one pass: a move-to-front list in C (cache_kernels), else
+    numpy, per expert e, whether e's latest access before this one came after the previous
+    access to this one's expert. dense=(num_ids, distinct) says x_n already holds ids 0..num_ids-1.
     """
-    n = len(x_n)
-    idx = np.arange(n)
-    order = np.lexsort((idx, x_n))
-    prev_n = np.full(n, -1)
-    same = x_n[order][1:] == x_n[order][:-1]
-    prev_n[order[1:][same]] = order[:-1][same]
-    distance_n = np.zeros(n, dtype=np.int64)
-    reused = prev_n >= 0
-    for e in np.unique(x_n):
-        pos_e = np.flatnonzero(x_n == e)
-        j = np.searchsorted(pos_e, prev_n[reused], side="right")
-        nxt = np.where(j < len(pos_e), pos_e[np.minimum(j, len(pos_e) - 1)], n)
-        distance_n[reused] += nxt < idx[reused]
+    x_n = np.asarray(x_n)
+    if not len(x_n):
+        return {size: np.zeros(0, dtype=bool) for size in sizes}
+    ids, num_ids, _ = (x_n, *dense) if dense else _dense_ids(x_n)
+    distance_n = cache_kernels.lru_distances(ids, num_ids)
+    if distance_n is None:
+        distance_n = _stack_distances(x_n)
+    reused = distance_n >= 0
     return {size: reused & (distance_n < size) for size in sizes}
 
 
-def lfu_hits(x_n: np.ndarray, size: int) -> np.ndarray:
-    """Whether each access of x_n hits an LFU cache of `size` (counts since loading, LRU on ties)."""
-    hits = np.zeros(len(x_n), dtype=bool)
-    uses: dict[int, int] = {}
-    last: dict[int, int] = {}
-    for i, e in enumerate(x_n.tolist()):
-        if e in uses:
-            hits[i] = True
-            uses[e] += 1
-        else:
-            if len(uses) >= size:
-                victim = min(uses, key=lambda j: (uses[j], last[j]))
-                del uses[victim], last[victim]
-            uses[e] = 1
-        last[e] = i
-    return hits
+def _stack_distances(x_n: np.ndarray) -> np.ndarray:
+    """LRU stack distance of each access, −1 on an expert's first access; O(E·n) numpy."""
+    n = len(x_n)
+    idx = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+    order = np.argsort(x_n, kind="stable")
+    sorted_x = x_n[order]
+    same = sorted_x[1:] == sorted_x[:-1]
+    prev_n = np.full(n, -1, dtype=idx.dtype)
+    prev_n[order[1:][same]] = order[:-1][same]
+    distance_n = np.zeros(n, dtype=np.int32)
+    after = prev_n[1:]
+    for e in sorted_x[np.r_[0, np.flatnonzero(~same) + 1]].tolist():
+        last = np.where(x_n == e, idx, -1)
+        np.maximum.accumulate(last, out=last)  # last[i]: e's latest access at or before i
+        distance_n[1:] += last[:-1] > after
+    distance_n[prev_n < 0] = -1
+    return distance_n
+
+
+def _dense_ids(x_n: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """(ids 0..num_ids-1 of the accesses, num_ids, distinct ids used): expert ids as they are when small."""
+    lo, hi = int(x_n.min()), int(x_n.max())
+    if hi - lo < 1 << 20:
+        ids = x_n.astype(np.int32) - lo
+        return ids, hi - lo + 1, int(np.count_nonzero(np.bincount(ids, minlength=hi - lo + 1)))
+    uniq, ids = np.unique(x_n, return_inverse=True)
+    return ids, len(uniq), len(uniq)
+
+
+def lfu_hits(x_n, size: int, lru1: np.ndarray | None = None, dense: tuple[int, int] | None = None) -> np.ndarray:
+    """Whether each access of x_n hits an LFU cache of `size` (uses since loading, LRU on ties).
+
+    Replayed by the C kernel of cache_kernels (Python without a compiler), except where no
+    replay is needed: size 1 is LRU of 1 (pass lru1, its hits, to reuse them), and a size
+    holding every expert of the stream never evicts, so every reuse hits. dense as lru_hits.
+    """
+    x_n = np.asarray(x_n)
+    if size == 1 and lru1 is not None:
+        return lru1
+    if not len(x_n):
+        return np.zeros(0, dtype=bool)
+    ids, num_ids, distinct = (x_n, *dense) if dense else _dense_ids(x_n)
+    if size >= distinct:
+        first_at = np.full(num_ids, len(ids), dtype=np.int64)
+        np.minimum.at(first_at, ids, np.arange(len(ids)))
+        hits = np.ones(len(ids), dtype=bool)
+        hits[first_at[first_at < len(ids)]] = False
+        return hits
+    return cache_kernels.lfu_replay(ids, num_ids, size)
 
 
 def _check_sizes(cache_sizes) -> list[int]:
@@ -84,8 +127,9 @@ def expert_cache(store, scope: Scope, meta: pd.DataFrame, cache_sizes=(1, 2, 4),
     coverage: share of assignments taken by the N most loaded experts of the window
     (exact, expert_step; the best static hot set in hindsight). lru_hit_rate / lfu_hit_rate:
     hit rate of an LRU / LFU cache of N experts replayed over the routing rows in recorded
-    token order (step, microbatch, seq, pos, slot), one cache per (layer, rank), starting
-    empty; LFU counts uses since loading and evicts the least recently used on a tie.
+    token order (step, checkpoint, microbatch, seq, pos, slot), one cache per (layer, rank),
+    starting empty; LFU counts uses since loading and evicts the least recently used on a tie.
+    Both are exact.
 
     by="window" (default): columns layer, cache_size, num_experts, coverage, lru_hit_rate,
     lfu_hit_rate, accesses. by="step": the same per step (coverage of that step's own top-N;
@@ -96,50 +140,203 @@ def expert_cache(store, scope: Scope, meta: pd.DataFrame, cache_sizes=(1, 2, 4),
     rows = meta[[scope.layers is None or int(x) in scope.layers for x in meta.layer]]
     e_by_layer = dict(zip(rows.layer.astype(int), rows.E.astype(int)))
     by_step = scope.by == "step"
-    where, params = scope.where()
-    loads = store.sql(f"""SELECT {scope.step_key} layer, expert, sum(tokens)::DOUBLE AS load FROM expert_step
-                          WHERE {where} GROUP BY ALL""", params, run=scope.run)
     keys = ["step", "layer"] if by_step else ["layer"]
-    coverage = []
-    for key, grp in loads[loads.layer.isin(list(e_by_layer))].groupby(keys):
-        key = key if isinstance(key, tuple) else (key,)
-        top = np.sort(grp.load.to_numpy())[::-1]
-        total = top.sum()
-        for size in sizes:
-            coverage.append((*key, size, top[:size].sum() / total if total > 0 else np.nan))
-    cov = pd.DataFrame(coverage, columns=[*keys, "cache_size", "coverage"])
-    hits = _replay(store, scope, sizes, list(e_by_layer), by_step)
+    cov = _coverage(store, scope, sizes, e_by_layer, keys)
+    hits = _replay(store, scope, sizes, sorted(e_by_layer), by_step)
     df = cov.merge(hits, on=[*keys, "cache_size"], how="outer")
     df["accesses"] = df.accesses.fillna(0).astype("int64")
     df.insert(len(keys) + 1, "num_experts", df.layer.map(e_by_layer).astype("int64"))
-    return df[[*keys, "cache_size", "num_experts", "coverage", "lru_hit_rate", "lfu_hit_rate", "accesses"]] \
+    df = df[[*keys, "cache_size", "num_experts", "coverage", "lru_hit_rate", "lfu_hit_rate", "accesses"]] \
         .sort_values([*keys, "cache_size"]).reset_index(drop=True)
+    return df
+
+
+def _coverage(store, scope: Scope, sizes: list[int], e_by_layer: dict[int, int], keys: list[str]) -> pd.DataFrame:
+    """Top-N share of each (step,) layer's assignments, from expert_step."""
+    where, params = scope.where()
+    loads = store.sql(f"""SELECT {scope.step_key} layer, expert, sum(tokens)::DOUBLE AS load FROM expert_step
+                          WHERE {where} GROUP BY ALL""", params, run=scope.run)
+    loads = loads[loads.layer.isin(list(e_by_layer))]
+    if loads.empty:
+        return pd.DataFrame(columns=[*keys, "cache_size", "coverage"])
+    groups = loads.groupby(keys, sort=True).ngroup().to_numpy()
+    n_groups = int(groups.max()) + 1
+    # each group's loads, largest first, padded with zeros to the widest group
+    rank = loads.assign(g=groups).groupby("g").load.rank(method="first", ascending=False).to_numpy().astype(np.int64) - 1
+    table = np.zeros((n_groups, int(rank.max()) + 1))
+    table[groups, rank] = loads.load.to_numpy()
+    cum = np.cumsum(table, axis=1)
+    total = cum[:, -1]
+    first = loads.assign(g=groups).drop_duplicates("g").sort_values("g")[keys]
+    out = []
+    for size in sizes:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = np.where(total > 0, cum[:, min(size, cum.shape[1]) - 1] / total, np.nan)
+        out.append(first.assign(cache_size=size, coverage=share))
+    return pd.concat(out, ignore_index=True)
 
 
 def _replay(store, scope: Scope, sizes: list[int], layers: list[int], by_step: bool) -> pd.DataFrame:
-    where, params = dataclasses.replace(scope, layers=tuple(layers)).where()
-    tab = store.sql(f"""SELECT layer, rank, step, expert FROM routing WHERE {where}
-                        ORDER BY layer, rank, step, checkpoint, microbatch, seq, pos, slot""", params, run=scope.run)
-    layer_n, rank_n = tab.layer.to_numpy(), tab["rank"].to_numpy()
-    step_n, expert_n = tab.step.to_numpy(), tab.expert.to_numpy().astype(np.int64)
-    out = []
-    bounds = np.flatnonzero((np.diff(layer_n) != 0) | (np.diff(rank_n) != 0)) + 1
-    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(layer_n)]):
-        if hi <= lo:
-            continue
-        x, steps = expert_n[lo:hi], step_n[lo:hi]
-        lru = lru_hits(x, sizes)
-        for size in sizes:
-            lfu = lfu_hits(x, size)
-            frame = pd.DataFrame({"step": steps, "lru": lru[size], "lfu": lfu})
-            part = frame.groupby("step").agg(lru=("lru", "sum"), lfu=("lfu", "sum"), accesses=("lru", "size")).reset_index() \
-                if by_step else pd.DataFrame({"lru": [lru[size].sum()], "lfu": [lfu.sum()], "accesses": [hi - lo]})
-            part["layer"], part["cache_size"] = int(layer_n[lo]), size
-            out.append(part)
     keys = ["step", "layer", "cache_size"] if by_step else ["layer", "cache_size"]
+    out = []
+    for s in _streams(store, scope, layers):
+        lru = lru_hits(s.ids, sizes, dense=(s.num_ids, s.distinct))
+        step_i = np.repeat(np.arange(len(s.step_u)), s.step_n)
+        for size in sizes:
+            lfu = lfu_hits(s.ids, size, lru.get(1), dense=(s.num_ids, s.distinct))
+            if by_step:
+                part = pd.DataFrame({"step": s.step_u, "lru": np.bincount(step_i, weights=lru[size], minlength=len(s.step_u)),
+                                     "lfu": np.bincount(step_i, weights=lfu, minlength=len(s.step_u)), "accesses": s.step_n})
+            else:
+                part = pd.DataFrame({"lru": [int(lru[size].sum())], "lfu": [int(lfu.sum())], "accesses": [len(s.ids)]})
+            part["layer"], part["cache_size"] = s.layer, size
+            out.append(part)
     if not out:
         return pd.DataFrame(columns=[*keys, "lru_hit_rate", "lfu_hit_rate", "accesses"])
     df = pd.concat(out, ignore_index=True).groupby(keys).sum().reset_index()  # ranks summed
     df["lru_hit_rate"] = df.lru / df.accesses
     df["lfu_hit_rate"] = df.lfu / df.accesses
     return df[[*keys, "lru_hit_rate", "lfu_hit_rate", "accesses"]]
+
+
+@dataclasses.dataclass
+class Stream:
+    """One (layer, rank) cache's accesses in token order: dense expert ids, and the steps as runs."""
+
+    layer: int
+    rank: int
+    ids: np.ndarray      # 0..num_ids-1
+    num_ids: int
+    distinct: int
+    step_u: np.ndarray   # the steps, ascending
+    step_n: np.ndarray   # accesses at each
+
+    @staticmethod
+    def of(layer: int, rank: int, steps: np.ndarray, experts: np.ndarray) -> Stream:
+        ids, num_ids, distinct = _dense_ids(experts)
+        cut = np.flatnonzero(steps[1:] != steps[:-1]) + 1
+        starts = np.r_[0, cut]
+        return Stream(layer, rank, ids.astype(np.int16 if num_ids <= 1 << 15 else np.int32), num_ids, distinct,
+                      np.asarray(steps)[starts], np.diff(np.r_[starts, len(steps)]))
+
+
+# Streams read before, per (store, run, live routing segments, scope); bounded in accesses (2 bytes each, mostly).
+STREAMS = BoundedMemo(1 << 26)
+
+
+def _streams(store, scope: Scope, layers: list[int]) -> list[Stream]:
+    """Every (layer, rank) stream of the scope, in token order (the same segments and scope: read once)."""
+    key = (str(store.root), scope.run, tuple(store.segment_paths("routing", scope.run)), tuple(layers), scope.steps,
+           scope.checkpoint, scope.phase, scope.ranks)
+    found = STREAMS.get(key)
+    if found is None:
+        found = [Stream.of(*parts) for parts in _read_streams(store, scope, layers)]
+        STREAMS.put(key, found, sum(len(s.ids) for s in found))
+    return found
+
+
+def _read_streams(store, scope: Scope, layers: list[int]):
+    """(layer, rank, step of each access, expert of each access) per replay stream, in token order."""
+    where, params = dataclasses.replace(scope, layers=tuple(layers)).where()
+    plan = _OrderKey.plan(store, scope, layers, where, params)
+    if plan is None:  # ranges unknown, or too wide for one 64-bit key: DuckDB sorts
+        tab = store.arrow(f"""SELECT layer, rank, step, expert FROM routing WHERE {where}
+                              ORDER BY layer, rank, {", ".join(_ORDER)}""", params, run=scope.run)
+        layer_n, rank_n = tab.column("layer").to_numpy(), tab.column("rank").to_numpy()
+        step_n, expert_n = tab.column("step").to_numpy(), tab.column("expert").to_numpy()
+        bounds = np.flatnonzero((np.diff(layer_n) != 0) | (np.diff(rank_n) != 0)) + 1
+        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(layer_n)]):
+            if hi > lo:
+                yield int(layer_n[lo]), int(rank_n[lo]), step_n[lo:hi], expert_n[lo:hi]
+        return
+    tab = store.arrow(f"SELECT {plan.sql} AS key, expert FROM routing WHERE {where}", params, run=scope.run)
+    key, expert = tab.column("key").to_numpy(), tab.column("expert").to_numpy()
+    if len(key) > 1 and np.any(key[1:] < key[:-1]):
+        order = np.argsort(key, kind="stable")  # each segment's rows are a run already in order: a cheap merge
+        key, expert = key[order], expert[order]
+    stream = key >> plan.stream_shift
+    bounds = np.flatnonzero(stream[1:] != stream[:-1]) + 1
+    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(key)]):
+        if hi > lo:
+            layer, rank = plan.stream(int(stream[lo]))
+            yield layer, rank, plan.steps(key[lo:hi]), expert[lo:hi]
+
+
+@dataclasses.dataclass
+class _OrderKey:
+    """One int64 per routing row that sorts as (layer, rank, step, checkpoint, microbatch, seq, pos, slot).
+
+    Each column takes the bits of its range (segment footer statistics; layers by index,
+    checkpoints by their sorted names): DuckDB computes it in parallel while scanning, and
+    one numpy sort of one column replaces an eight-key ORDER BY.
+    """
+
+    sql: str
+    layers: list[int]
+    rank_lo: int
+    rank_bits: int
+    step_lo: int
+    step_shift: int
+    step_bits: int
+    stream_shift: int
+
+    def stream(self, code: int) -> tuple[int, int]:
+        return self.layers[code >> self.rank_bits], (code & ((1 << self.rank_bits) - 1)) + self.rank_lo
+
+    def steps(self, key: np.ndarray) -> np.ndarray:
+        return ((key >> self.step_shift) & ((1 << self.step_bits) - 1)) + self.step_lo
+
+    @staticmethod
+    def plan(store, scope: Scope, layers: list[int], where: str, params: list) -> _OrderKey | None:
+        files = store.segment_paths("routing", scope.run)
+        if not files or not layers:
+            return None
+        con = store.connect(scope.run, tables=())
+        try:
+            names = ", ".join(f"'{c}'" for c in ("rank", *_ORDER) if c != "checkpoint")
+            stats = con.sql(f"""SELECT path_in_schema, min(TRY_CAST(stats_min_value AS BIGINT)),
+                                       max(TRY_CAST(stats_max_value AS BIGINT)), count(*) - count(stats_min_value)
+                                FROM parquet_metadata({sql_list(files)}) WHERE path_in_schema IN ({names})
+                                GROUP BY ALL""").fetchall()
+        finally:
+            con.close()
+        ranges = {col: (lo, hi) for col, lo, hi, missing in stats if not missing and lo is not None and hi is not None}
+        if len(ranges) != 6:
+            return None
+        if scope.steps is not None:  # the window narrows the step range
+            ranges["step"] = (max(ranges["step"][0], scope.steps[0]), min(ranges["step"][1], scope.steps[1]))
+            if ranges["step"][0] > ranges["step"][1]:
+                ranges["step"] = (scope.steps[0], scope.steps[0])
+        checkpoints = [] if scope.checkpoint is not None else sorted(store.sql(
+            f"SELECT DISTINCT checkpoint FROM expert_step WHERE {where}", params, run=scope.run).checkpoint.dropna())
+        parts = []  # (sql value from 0, bits), least significant first
+        for col in reversed(_ORDER):
+            if col == "checkpoint":
+                if len(checkpoints) > 1:  # a checkpoint expert_step lacks sorts after the known ones
+                    case = " ".join(f"WHEN '{c.replace(chr(39), chr(39) * 2)}' THEN {i}" for i, c in enumerate(checkpoints))
+                    parts.append((f"(CASE checkpoint {case} ELSE {len(checkpoints)} END)", len(checkpoints).bit_length()))
+                continue
+            lo, hi = ranges[col]
+            parts.append((f"({col} - {int(lo)})", (int(hi) - int(lo)).bit_length()))
+        rank_bits = (ranges["rank"][1] - ranges["rank"][0]).bit_length()
+        layer_bits = (len(layers) - 1).bit_length()
+        below = sum(b for _, b in parts)
+        if below + rank_bits + layer_bits > 62:
+            return None
+        terms, shift, step_shift = [], 0, 0
+        for value, bits in parts:
+            if value.startswith("(step"):
+                step_shift = shift
+            if bits:
+                terms.append(f"({value}::BIGINT << {shift})" if shift else f"{value}::BIGINT")
+            shift += bits
+        layer_index = "CASE layer " + " ".join(f"WHEN {int(x)} THEN {i}" for i, x in enumerate(layers)) + " END"
+        if rank_bits:
+            terms.append(f"((rank - {int(ranges['rank'][0])})::BIGINT << {shift})")
+        if layer_bits:
+            terms.append(f"({layer_index}::BIGINT << {shift + rank_bits})")
+        step_bits = (int(ranges["step"][1]) - int(ranges["step"][0])).bit_length()
+        return _OrderKey(" | ".join(terms) or "0::BIGINT", list(layers), int(ranges["rank"][0]), rank_bits,
+                         int(ranges["step"][0]), step_shift, step_bits, shift)
+
+

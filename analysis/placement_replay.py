@@ -15,13 +15,14 @@ thread scans the next batch while numpy works on the current one.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import itertools
 import queue
 import threading
 
 import numpy as np
+
+from moescope.analysis.memo import BoundedMemo
 
 # Routing rows are streamed in batches of this many rows, so memory stays flat at any run size.
 BATCH_ROWS = 1 << 21
@@ -379,46 +380,9 @@ class SignatureCounter:
         return Counts(u // per + self.lo, u % per, cnt)
 
 
-class HistogramCache:
-    """Signature counts of routing segments already read, per (store, run, space, row filter).
-
-    A segment never changes under its name, so counts stay valid while every segment they
-    came from is live: a run's new segments are read and added, a retired one (compaction,
-    deletion) drops the entry. Least recently used entries go past max_entries in all.
-    """
-
-    def __init__(self, max_entries: int):
-        self.max_entries = max_entries
-        self.entries: collections.OrderedDict[tuple, tuple[frozenset, list[Counts]]] = collections.OrderedDict()
-        self.lock = threading.Lock()
-
-    def get(self, key: tuple, live: set[str]) -> tuple[frozenset, list[Counts]]:
-        with self.lock:
-            hit = self.entries.get(key)
-            if hit is None or not hit[0] <= live:
-                self.entries.pop(key, None)
-                return frozenset(), []
-            self.entries.move_to_end(key)
-            return hit
-
-    def put(self, key: tuple, covered: frozenset, parts: list[Counts]) -> None:
-        size = sum(p.size for p in parts)
-        with self.lock:
-            self.entries.pop(key, None)
-            if size > self.max_entries:
-                return
-            self.entries[key] = (covered, parts)
-            total = sum(sum(p.size for p in v[1]) for v in self.entries.values())
-            while total > self.max_entries:
-                _, (_, old) = self.entries.popitem(last=False)
-                total -= sum(p.size for p in old)
-
-    def clear(self) -> None:
-        with self.lock:
-            self.entries.clear()
-
-
-CACHE = HistogramCache(HISTOGRAM_CACHE_ENTRIES)
+# Signature counts of routing segments already read, per (store, run, space, row filter): (segments, counts).
+# A retired segment (compaction, deletion) drops its entry; a run's new segments are read and added.
+CACHE = BoundedMemo(HISTOGRAM_CACHE_ENTRIES)
 
 
 def histogram(store, run: str, space: Space, filters: str, params: list, windows: list[tuple[int, int]]) -> Counts:
@@ -430,7 +394,9 @@ def histogram(store, run: str, space: Space, filters: str, params: list, windows
     """
     files = store.segment_paths("routing", run)
     key = (str(store.root), run, space, filters, tuple(params))
-    covered, parts = CACHE.get(key, set(files))
+    covered, parts = CACHE.get(key) or (frozenset(), [])
+    if not covered <= set(files):
+        covered, parts = frozenset(), []
     todo = [f for f in files if f not in covered]
     if todo:
         con = store.connect(run, tables=())
@@ -447,13 +413,13 @@ def histogram(store, run: str, space: Space, filters: str, params: list, windows
             if width is None:
                 raise NotAdjacent()
             counter = SignatureCounter(space, lo)
-            sql = (f"SELECT {space.select_sql(lo, width)} FROM read_parquet({_sql_list(need)}, union_by_name=true) "
+            sql = (f"SELECT {space.select_sql(lo, width)} FROM read_parquet({sql_list(need)}, union_by_name=true) "
                    f"WHERE {filters}")
             for batch in stream_sql(store, run, sql, params, tables=()):
                 counter.add(batch)
             parts = [*parts, counter.finish()]
             covered = covered | frozenset(need)
-            CACHE.put(key, covered, parts)
+            CACHE.put(key, (covered, parts), sum(p.size for p in parts))
     return Counts.join(parts)
 
 
@@ -461,12 +427,13 @@ def _step_ranges(con, files: list[str]) -> dict[str, tuple[int, int] | None]:
     """Each segment's (min, max) step from its footer statistics; None where they are missing."""
     rows = con.sql(f"""SELECT file_name, min(TRY_CAST(stats_min_value AS BIGINT)), max(TRY_CAST(stats_max_value AS BIGINT)),
                               bool_and(stats_min_value IS NOT NULL AND stats_max_value IS NOT NULL)
-                       FROM parquet_metadata({_sql_list(files)}) WHERE path_in_schema = 'step' GROUP BY file_name""").fetchall()
+                       FROM parquet_metadata({sql_list(files)}) WHERE path_in_schema = 'step' GROUP BY file_name""").fetchall()
     found = {name: (int(lo), int(hi)) if ok and lo is not None and hi is not None else None for name, lo, hi, ok in rows}
     return {f: found.get(f) for f in files}
 
 
-def _sql_list(paths: list[str]) -> str:
+def sql_list(paths: list[str]) -> str:
+    """A DuckDB list literal of file paths (read_parquet's argument; a view takes no bound parameters)."""
     return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from whatif_traces import write_trace  # noqa: E402
+from whatif_traces import simulate, write_trace  # noqa: E402
 
 from moescope.analysis import compute_metric  # noqa: E402
 from moescope.analysis.expert_cache import lfu_hits, lru_hits  # noqa: E402
@@ -64,15 +64,7 @@ def test_lru_stack_distance_matches_a_direct_simulation():
     x = rng.integers(0, 6, 400)
     fast = lru_hits(x, [1, 2, 3, 5])
     for size in (1, 2, 3, 5):
-        cache, hits = [], []
-        for e in x.tolist():
-            hits.append(e in cache)
-            if e in cache:
-                cache.remove(e)
-            elif len(cache) == size:
-                cache.pop(0)
-            cache.append(e)
-        assert fast[size].tolist() == hits
+        assert fast[size].tolist() == simulate(x.tolist(), size)[0]
     assert lfu_hits(np.array([0, 0, 1, 2, 1, 2]), 2).tolist() == [False, True, False, False, False, False]
 
 

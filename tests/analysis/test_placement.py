@@ -10,11 +10,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 from whatif_traces import top1_trace, write_trace  # noqa: E402
 
 from moescope.analysis import compute_metric  # noqa: E402
+from moescope.analysis import placement as placement_module  # noqa: E402
 from moescope.analysis import placement_replay as pr  # noqa: E402
 from moescope.cli import main  # noqa: E402
 
 # Eight top-2 tokens over E=8 experts; the token at pos p lives on device p mod 4.
 EIGHT = {0: [(0, (0, 1)), (1, (0, 2)), (2, (0, 4)), (3, (0, 6)), (4, (1, 3)), (5, (2, 5)), (6, (4, 7)), (7, (6, 7))]}
+
+
+@pytest.fixture(autouse=True)
+def fresh_counts():
+    """Each test reads its routing rows itself: no signature counts kept from another test."""
+    pr.CACHE.clear()
+    yield
+    pr.CACHE.clear()
 
 
 @pytest.fixture(params=["signatures", "rows"])
@@ -197,6 +206,7 @@ def test_tokens_cut_by_batch_boundaries_count_the_same(eight, monkeypatch, batch
     whole = compute_metric(eight, "placement", "eight", ep_size=4, gpus_per_node=2, policy=["round_robin", "map"],
                            expert_map=expert_map)
     monkeypatch.setattr(pr, "BATCH_ROWS", batch_rows)
+    pr.CACHE.clear()  # read the rows again, in small batches
     cut = compute_metric(eight, "placement", "eight", ep_size=4, gpus_per_node=2, policy=["round_robin", "map"],
                          expert_map=expert_map)
     assert np.allclose(cut.select_dtypes("number"), whole.select_dtypes("number"), equal_nan=True)
@@ -288,3 +298,46 @@ def test_staleness_is_what_fitting_on_past_traffic_costs_against_hindsight(store
     assert row.balancedness == pytest.approx(9 / 15)
     assert row.balancedness_hindsight == pytest.approx(1.0)
     assert row.staleness == pytest.approx(1 - 9 / 15)
+
+
+def _random_trace(rng, steps, tokens=24, experts=8, k=2):
+    return {int(s): [(pos, tuple(int(e) for e in rng.choice(experts, k, replace=False))) for pos in range(tokens)]
+            for s in steps}
+
+
+def test_counts_kept_between_queries_follow_the_run_as_it_grows_and_is_compacted(store):
+    rng = np.random.default_rng(5)
+    options = dict(ep_size=4, gpus_per_node=2, policy="all", by="window", fit_steps=(0, 3), steps=(4, 11), hidden_size=8)
+    write_trace(store, "live", _random_trace(rng, range(0, 8)), num_experts=8, top_k=2)
+    compute_metric(store, "placement", "live", **options)  # counts steps 0..7, kept
+    write_trace(store, "live", _random_trace(rng, range(8, 12)), num_experts=8, top_k=2, producer="second")
+    grown = compute_metric(store, "placement", "live", **options)
+    pr.CACHE.clear()
+    assert grown.equals(compute_metric(store, "placement", "live", **options))  # as if read from scratch
+    assert store.compact("live", min_files=2) > 0  # segments retired: counts kept for them are dropped
+    compacted = compute_metric(store, "placement", "live", **options)
+    assert np.allclose(compacted.select_dtypes("number"), grown.select_dtypes("number"), equal_nan=True)
+
+
+def test_window_and_step_views_share_one_read_of_the_rows(store, monkeypatch):
+    write_trace(store, "eight", EIGHT, num_experts=8, top_k=2)
+    first = compute_metric(store, "placement", "eight", ep_size=4, policy="all", by="step")
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("routing rows read again")
+    monkeypatch.setattr(pr, "stream_sql", no_reads)
+    assert compute_metric(store, "placement", "eight", ep_size=4, policy="all", by="step").equals(first)
+    assert _devices(compute_metric(store, "placement", "eight", ep_size=4, hidden_size=16), "copies_sent") == [1, 2, 2, 1]
+    compute_metric(store, "placement", "eight", ep_size=4, policy="eplb", by="window")
+
+
+def test_coactivation_policy_fits_the_same_map_from_the_rollup_as_from_rows(store, monkeypatch):
+    pairs = [(0, 7), (1, 6), (2, 5), (3, 4)]
+    write_trace(store, "pairs", {s: [(4 * q + r, pairs[q]) for q in range(4) for r in range(4)] for s in range(4)},
+                num_experts=8, top_k=2)
+    options = dict(ep_size=4, policy="coactivation", by="window", fit_steps=(0, 1), steps=(2, 3))
+    rollup = compute_metric(store, "placement", "pairs", **options)
+    monkeypatch.setattr(placement_module, "has_rollups", lambda *a, **k: False)
+    rows = compute_metric(store, "placement", "pairs", **options)
+    assert rollup.placement.tolist() == rows.placement.tolist()
+    assert sorted(map(sorted, rows.placement.iloc[0])) == [[0, 7], [1, 6], [2, 5], [3, 4]]

@@ -46,3 +46,26 @@ def top1_trace(loads: list[int], steps: list[int]) -> dict[int, list[tuple[int, 
     """Top-1 tokens: expert x gets loads[x] tokens at each step, positions 0, 1, 2, ..."""
     experts = [x for x, n in enumerate(loads) for _ in range(n)]
     return {s: [(pos, (x,)) for pos, x in enumerate(experts)] for s in steps}
+
+
+def simulate(xs, size):
+    """LRU and LFU (uses since loading, least recently used on a tie) caches of `size`, access by access."""
+    lru, lfu, uses, last = [], {}, {}, {}
+    lru_hits, lfu_hits = [], []
+    for i, e in enumerate(xs):
+        lru_hits.append(e in lru)
+        if e in lru:
+            lru.remove(e)
+        elif len(lru) == size:
+            lru.pop(0)
+        lru.append(e)
+        lfu_hits.append(e in lfu)
+        if e in lfu:
+            uses[e] += 1
+        else:
+            if len(lfu) == size:
+                victim = min(lfu, key=lambda j: (uses[j], last[j]))
+                del lfu[victim], uses[victim]
+            lfu[e], uses[e] = True, 1
+        last[e] = i
+    return lru_hits, lfu_hits

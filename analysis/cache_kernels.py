@@ -1,0 +1,218 @@
+"""Expert-cache replays in C: LRU stack distances and the LFU replay, compiled on first use, with fallbacks.
+
+Both are sequential over the accesses. LRU stack distances (Mattson et al. 1970) give every
+cache size at once; numpy computes them in O(E·n) (expert_cache.lru_hits), which for large
+E is slower than walking a move-to-front list in C. LFU is not a stack algorithm: each cache
+size is its own replay, and in Python that costs about 0.3 µs an access, seconds per size
+over a layer of a long run. In C each is a few ns an access. The system C compiler builds
+them once into the user's cache directory (a file named by the source's hash) and ctypes
+loads it. Without a compiler, or when the build fails, the numpy stack distances and the
+Python LFU replay run instead: the same answers (tests compare them), more slowly.
+
+LFU policy: each cached expert has uses since it was loaded and its last access; a miss
+evicts the fewest uses, the least recently used of those on a tie; the cache starts empty.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+
+/* Priority of a slot = uses since loading * big + last access (unique: last accesses differ). */
+static void sift_down(int64_t *pri, int64_t *last, int32_t *id_at, int32_t *pos_of, int32_t n, int32_t h) {
+    for (;;) {
+        int32_t l = 2 * h + 1, r = l + 1, m = h;
+        if (l < n && pri[l] < pri[m]) m = l;
+        if (r < n && pri[r] < pri[m]) m = r;
+        if (m == h) return;
+        int64_t p = pri[h]; pri[h] = pri[m]; pri[m] = p;
+        p = last[h]; last[h] = last[m]; last[m] = p;
+        int32_t e = id_at[h]; id_at[h] = id_at[m]; id_at[m] = e;
+        pos_of[id_at[h]] = h; pos_of[id_at[m]] = m;
+        h = m;
+    }
+}
+
+static void sift_up(int64_t *pri, int64_t *last, int32_t *id_at, int32_t *pos_of, int32_t h) {
+    while (h > 0) {
+        int32_t up = (h - 1) / 2;
+        if (pri[up] <= pri[h]) return;
+        int64_t p = pri[h]; pri[h] = pri[up]; pri[up] = p;
+        p = last[h]; last[h] = last[up]; last[up] = p;
+        int32_t e = id_at[h]; id_at[h] = id_at[up]; id_at[up] = e;
+        pos_of[id_at[h]] = h; pos_of[id_at[up]] = up;
+        h = up;
+    }
+}
+
+/* LFU over slots: small caches find the victim by a linear scan (no work on a hit), large ones keep a min-heap. */
+static void replay(const int32_t *x, int64_t n, int32_t size, uint8_t *hits,
+                   int32_t *pos_of, int32_t *id_at, int64_t *pri, int64_t *last) {
+    int64_t big = n + 1;
+    int32_t filled = 0, heap = size > 8;
+    for (int64_t i = 0; i < n; i++) {
+        int32_t e = x[i], h = pos_of[e];
+        if (h >= 0) {
+            hits[i] = 1;
+            pri[h] += big + i - last[h];
+            last[h] = i;
+            if (heap) sift_down(pri, last, id_at, pos_of, filled, h);
+            continue;
+        }
+        hits[i] = 0;
+        int32_t fresh = filled < size;
+        if (fresh) {
+            h = filled++;
+        } else {
+            h = 0;
+            if (!heap) for (int32_t s = 1; s < size; s++) if (pri[s] < pri[h]) h = s;
+            pos_of[id_at[h]] = -1;
+        }
+        id_at[h] = e; pos_of[e] = h; pri[h] = big + i; last[h] = i;
+        if (heap && fresh) sift_up(pri, last, id_at, pos_of, h);
+        else if (heap) sift_down(pri, last, id_at, pos_of, filled, h);
+    }
+}
+
+/* dist[i]: distinct other ids accessed since id x[i] was last accessed (its LRU stack distance), -1 the first
+   time: a move-to-front list walked from the front. Returns 0, or -1 without memory. */
+int lru_distances(const int32_t *x, int64_t n, int32_t num_ids, int32_t *dist) {
+    int32_t *stack = malloc(sizeof(int32_t) * (size_t)num_ids);
+    if (!stack) return -1;
+    int32_t depth = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int32_t e = x[i], d = 0;
+        while (d < depth && stack[d] != e) d++;
+        if (d == depth) { dist[i] = -1; depth++; } else dist[i] = d;
+        for (int32_t s = d; s > 0; s--) stack[s] = stack[s - 1];
+        stack[0] = e;
+    }
+    free(stack);
+    return 0;
+}
+
+/* hits[i] = 1 when access i (an id in 0..num_ids-1) hits an LFU cache of `size`; returns 0, or -1 without memory. */
+int lfu_replay(const int32_t *x, int64_t n, int32_t num_ids, int32_t size, uint8_t *hits) {
+    int32_t *pos_of = malloc(sizeof(int32_t) * (size_t)num_ids);
+    int32_t *id_at = malloc(sizeof(int32_t) * (size_t)size);
+    int64_t *pri = malloc(sizeof(int64_t) * (size_t)size);
+    int64_t *last = malloc(sizeof(int64_t) * (size_t)size);
+    if (!pos_of || !id_at || !pri || !last) { free(pos_of); free(id_at); free(pri); free(last); return -1; }
+    for (int32_t e = 0; e < num_ids; e++) pos_of[e] = -1;
+    replay(x, n, size, hits, pos_of, id_at, pri, last);
+    free(pos_of); free(id_at); free(pri); free(last);
+    return 0;
+}
+"""
+
+_LOCK = threading.Lock()
+_KERNEL: list = []  # [function or None] once tried
+
+
+def lru_distances(x: np.ndarray, num_ids: int) -> np.ndarray | None:
+    """LRU stack distance of each access of ids x (ints in 0..num_ids-1), −1 on a first access; None without the kernel."""
+    lib = kernel()
+    if lib is None:
+        return None
+    x = np.ascontiguousarray(x, dtype=np.int32)
+    dist = np.empty(len(x), dtype=np.int32)
+    if len(x) and lib.lru_distances(x.ctypes.data, len(x), int(num_ids), dist.ctypes.data) != 0:
+        return None
+    return dist
+
+
+def lfu_replay(x: np.ndarray, num_ids: int, size: int) -> np.ndarray:
+    """Hits of an LFU cache of `size` over ids x (ints in 0..num_ids-1), as bools."""
+    x = np.ascontiguousarray(x, dtype=np.int32)
+    lib = kernel()
+    if lib is not None and len(x):
+        hits = np.empty(len(x), dtype=np.uint8)
+        if lib.lfu_replay(x.ctypes.data, len(x), int(num_ids), int(size), hits.ctypes.data) == 0:
+            return hits.view(bool)
+    return lfu_replay_python(x.tolist(), num_ids, size)
+
+
+def lfu_replay_python(xs: list[int], num_ids: int, size: int) -> np.ndarray:
+    """The same replay in Python: a slot's priority is uses · big + last access, the smallest is the victim."""
+    big = len(xs) + 1
+    slot_of = [-1] * num_ids
+    holder = [-1] * size
+    pri = list(range(-size, 0))  # empty slots first, lowest slot first
+    hits = bytearray(len(xs))
+    for i, e in enumerate(xs):
+        s = slot_of[e]
+        if s >= 0:
+            hits[i] = 1
+            pri[s] = (pri[s] // big + 1) * big + i
+        else:
+            v = pri.index(min(pri))
+            h = holder[v]
+            if h >= 0:
+                slot_of[h] = -1
+            holder[v], slot_of[e], pri[v] = e, v, big + i
+    return np.frombuffer(bytes(hits), dtype=bool)
+
+
+def kernel():
+    """The compiled library (lru_distances, lfu_replay), or None when it cannot be built here."""
+    with _LOCK:
+        if not _KERNEL:
+            try:
+                _KERNEL.append(_load())
+            except Exception:  # no compiler, no writable cache, a foreign platform: fall back, never fail
+                _KERNEL.append(None)
+        return _KERNEL[0]
+
+
+def _load():
+    digest = hashlib.sha256((SOURCE + sys.platform + sysconfig.get_platform()).encode()).hexdigest()[:16]
+    suffix = ".dll" if sys.platform == "win32" else ".so"
+    for folder in _cache_dirs():
+        path = folder / f"moescope_cache_{digest}{suffix}"
+        if not path.exists() and not _build(folder, path):
+            continue
+        lib = ctypes.CDLL(str(path))
+        lib.lfu_replay.restype = lib.lru_distances.restype = ctypes.c_int
+        lib.lfu_replay.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p]
+        lib.lru_distances.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p]
+        return lib
+    return None
+
+
+def _cache_dirs() -> list[Path]:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return [Path(base) / "moescope", Path(tempfile.gettempdir()) / f"moescope-{os.getuid() if hasattr(os, 'getuid') else 0}"]
+
+
+def _build(folder: Path, lib: Path) -> bool:
+    cc = (sysconfig.get_config_var("CC") or "cc").split()
+    if not cc or shutil.which(cc[0]) is None:
+        cc = ["cc"]
+        if shutil.which("cc") is None:
+            return False
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            src, out = Path(tmp) / "cache.c", Path(tmp) / lib.name
+            src.write_text(SOURCE)
+            done = subprocess.run([*cc, "-O2", "-shared", "-fPIC", "-o", str(out), str(src)], capture_output=True,
+                                  timeout=120, check=False)
+            if done.returncode != 0 or not out.exists():
+                return False
+            os.replace(out, lib)  # atomic: a concurrent build leaves one whole file
+        return True
+    except (OSError, subprocess.SubprocessError):
+        return False

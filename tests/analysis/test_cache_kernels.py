@@ -1,0 +1,112 @@
+"""The C replays of the expert-cache what-if against plain simulations, and the metric with and without them."""
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from whatif_traces import simulate  # noqa: E402
+
+from moescope.analysis import cache_kernels, compute_metric  # noqa: E402
+from moescope.analysis import expert_cache as ec  # noqa: E402
+from moescope.frame import Frame  # noqa: E402
+from moescope.schema import EXPERT_STEP, ROUTING  # noqa: E402
+
+
+def test_kernels_and_fallbacks_equal_a_plain_simulation():
+    assert cache_kernels.kernel() is not None  # this machine has a C compiler: the kernels are under test
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        experts = int(rng.integers(1, 20))
+        xs = rng.choice(experts, int(rng.integers(1, 300)), p=rng.dirichlet(np.full(experts, rng.choice([0.3, 3.0]))))
+        sizes = list(range(1, experts + 2))  # sizes over 8 take the kernel's heap
+        lru = ec.lru_hits(xs, sizes)
+        distances = ec._stack_distances(xs)
+        assert (cache_kernels.lru_distances(xs, experts) == distances).all()
+        for size in sizes:
+            want_lru, want_lfu = simulate(xs.tolist(), size)
+            assert lru[size].tolist() == want_lru
+            assert ec.lfu_hits(xs, size).tolist() == want_lfu
+            assert cache_kernels.lfu_replay(xs, experts, size).tolist() == want_lfu
+            assert cache_kernels.lfu_replay_python(xs.tolist(), experts, size).tolist() == want_lfu
+
+
+def write_frames(store, run, rng, ranks=2, checkpoints=("a", "b"), steps=3, experts=6, k=2, producer="p"):
+    """Tokens over ranks, checkpoints, microbatches and sequences; each frame's rows shuffled. Returns the rows."""
+    meta = {"layers": [{"layer": layer, "module_path": f"l{layer}", "num_experts": experts, "top_k": k,
+                        "router_kind": "softmax-topk", "capacity_factor": None} for layer in (0, 1)]}
+    everything, seq_no = [], 0
+    for rank in range(ranks):
+        for step in range(steps):
+            for checkpoint in checkpoints:
+                rows = []
+                for layer in (0, 1):
+                    for mb in range(2):
+                        for seq in range(2):
+                            for pos in range(int(rng.integers(1, 6))):
+                                chosen = rng.choice(experts, k, replace=False, p=rng.dirichlet(np.ones(experts)))
+                                rows += [dict(run=run, checkpoint=checkpoint, step=step, rank=rank, microbatch=mb, seq=seq,
+                                              pos=pos, token_id=-1, layer=layer, slot=slot, expert=int(e), weight=0.5,
+                                              dropped=False, domain=None, phase="train") for slot, e in enumerate(chosen)]
+                random.Random(seq_no).shuffle(rows)
+                agg = [dict(run=run, checkpoint=checkpoint, step=step, rank=rank, layer=layer, expert=x,
+                            num_tokens=sum(1 for r in rows if r["layer"] == layer and r["slot"] == 0),
+                            tokens=sum(1 for r in rows if r["layer"] == layer and r["expert"] == x), dropped=0, top1=0,
+                            prob_sum=0.0, weight_sum=0.0, phase="train") for layer in (0, 1) for x in range(experts)]
+                store.write_frame(Frame(run=run, producer=f"{producer}{rank}", seq=seq_no, meta=meta, tables={
+                    "routing": pa.Table.from_pylist(rows, schema=ROUTING),
+                    "expert_step": pa.Table.from_pylist(agg, schema=EXPERT_STEP)}))
+                everything += rows
+                seq_no += 1
+    return everything
+
+
+def expected_rates(rows, sizes, steps=None):
+    """Hit rates per (layer, cache size): each (layer, rank) cache replayed over its rows in token order."""
+    key = lambda r: (r["step"], r["checkpoint"], r["microbatch"], r["seq"], r["pos"], r["slot"])  # noqa: E731
+    out = {}
+    for layer in (0, 1):
+        for size in sizes:
+            hits = [0, 0, 0]
+            for rank in sorted({r["rank"] for r in rows}):
+                mine = sorted((r for r in rows if r["layer"] == layer and r["rank"] == rank
+                               and (steps is None or steps[0] <= r["step"] <= steps[1])), key=key)
+                lru, lfu = simulate([r["expert"] for r in mine], size)
+                hits = [hits[0] + sum(lru), hits[1] + sum(lfu), hits[2] + len(mine)]
+            out[layer, size] = (hits[0] / hits[2], hits[1] / hits[2])
+    return out
+
+
+@pytest.mark.parametrize("path", ["order key", "sorted by DuckDB", "no C compiler"])
+def test_hit_rates_follow_token_order_over_ranks_checkpoints_and_microbatches(store, monkeypatch, path):
+    rows = write_frames(store, "mixed", np.random.default_rng(3))
+    if path == "sorted by DuckDB":
+        monkeypatch.setattr(ec._OrderKey, "plan", staticmethod(lambda *a, **k: None))
+    if path == "no C compiler":
+        monkeypatch.setattr(cache_kernels, "kernel", lambda: None)
+    ec.STREAMS.clear()
+    sizes = [1, 2, 3, 5]
+    for steps in (None, (1, 2)):
+        df = compute_metric(store, "expert_cache", "mixed", cache_sizes=sizes, steps=steps)
+        want = expected_rates(rows, sizes, steps)
+        for r in df.itertuples():
+            assert (r.lru_hit_rate, r.lfu_hit_rate) == pytest.approx(want[r.layer, r.cache_size])
+
+
+def test_streams_are_read_once_until_the_run_writes_again(store, monkeypatch):
+    rng = np.random.default_rng(4)
+    rows = write_frames(store, "grow", rng, ranks=1, checkpoints=("a",), steps=2)
+    ec.STREAMS.clear()
+    first = compute_metric(store, "expert_cache", "grow", cache_sizes=[2])
+    reads = []
+    original = store.arrow
+    monkeypatch.setattr(store, "arrow", lambda *a, **k: reads.append(a) or original(*a, **k))
+    assert compute_metric(store, "expert_cache", "grow", cache_sizes=[2]).equals(first)
+    assert not any("routing" in q[0] for q in reads)
+    more = write_frames(store, "grow", np.random.default_rng(5), ranks=1, checkpoints=("b",), steps=2, producer="q")
+    df = compute_metric(store, "expert_cache", "grow", cache_sizes=[2])
+    want = expected_rates(rows + more, [2])
+    assert [(r.lru_hit_rate, r.lfu_hit_rate) for r in df.itertuples()] == pytest.approx([want[0, 2], want[1, 2]])
