@@ -224,6 +224,8 @@ class Replay:
 
 # The signature path holds, per placement, tables of L · E^K · G values; above this it replays rows instead.
 SIGNATURE_TABLE_MAX = 1 << 24
+# Counts over at most this many (step, layer, home, signature) cells are priced densely (tensor contractions).
+DENSE_COUNTS_MAX = 1 << 23
 # Signature counts kept between queries (HistogramCache), in (step, cell, signature) entries over all runs.
 HISTOGRAM_CACHE_ENTRIES = 1 << 23
 
@@ -468,8 +470,11 @@ class SignatureReplay:
         cell_sig = counts.cell_sig[ok]
         key_U, sig_U, cnt_U = sidx[ok] * cells + cell_sig // self.n_sig, cell_sig % self.n_sig, counts.count[ok]
         n_g, n_l = g.ep_size, len(g.layers)
-        home_U, layer_U = key_U % n_g, (key_U // n_g) % n_l
         self.seen += np.bincount(key_U // n_g, weights=cnt_U, minlength=len(self.seen))
+        if g.size * self.n_sig <= DENSE_COUNTS_MAX:
+            self._add_dense(key_U, sig_U, cnt_U)
+            return
+        home_U, layer_U = key_U % n_g, (key_U // n_g) % n_l
         # flat indexes into the (L, G, S) and (L·S, G) tables, once for every placement
         lhs_U = (layer_U * n_g + home_U) * self.n_sig + sig_U
         ls_U = layer_U * self.n_sig + sig_U
@@ -484,6 +489,23 @@ class SignatureReplay:
             reach_UG.ravel()[at_home] = 0.0  # a token's own device receives nothing
             t.recv += np.bincount(recv_idx, weights=reach_UG.ravel(), minlength=g.size)
             t.sent_internode += np.bincount(key_U, weights=cnt_U * tab.inter_LGS.take(lhs_U), minlength=g.size)
+
+    def _add_dense(self, key_U, sig_U, cnt_U) -> None:
+        """The counts as a dense (step, layer, home, signature) array: each placement is then a few tensor contractions."""
+        g = self.grid
+        n_s, n_l, n_g = len(g.steps), len(g.layers), g.ep_size
+        c = np.bincount(key_U * self.n_sig + sig_U, weights=cnt_U, minlength=g.size * self.n_sig)
+        c = c.reshape(n_s, n_l, n_g, self.n_sig)
+        c_any = c.sum(2)  # tokens by (step, layer, signature), whatever their home
+        for policy, f_LEG in self.tables.items():
+            tab = signature_tables(f_LEG, self.k, g.gpus_per_node)
+            t = self.traffic[policy]
+            t.sent += np.einsum("slgq,lgq->slg", c, tab.sent_LGS).ravel()
+            # device d receives every token reaching it, less those living on d
+            recv = np.einsum("slq,lqd->sld", c_any, tab.reach_LSG, optimize=True)
+            recv -= np.einsum("sldq,lqd->sld", c, tab.reach_LSG)
+            t.recv += recv.ravel()
+            t.sent_internode += np.einsum("slgq,lgq->slg", c, tab.inter_LGS).ravel()
 
 
 def _search(offsets: np.ndarray, s: np.ndarray) -> np.ndarray:

@@ -26,11 +26,14 @@ def fresh_counts():
     pr.CACHE.clear()
 
 
-@pytest.fixture(params=["signatures", "rows"])
+@pytest.fixture(params=["signatures", "sparse signatures", "rows"])
 def replay_path(request, monkeypatch):
-    """Both replays: token signatures (the probe's layout) and row by row (forced by a zero table budget)."""
+    """Every replay: token signatures (the probe's layout) priced densely or entry by entry, and row by row
+    (forced by a zero table budget)."""
     if request.param == "rows":
         monkeypatch.setattr(pr, "SIGNATURE_TABLE_MAX", 0)
+    if request.param == "sparse signatures":
+        monkeypatch.setattr(pr, "DENSE_COUNTS_MAX", 0)
     return request.param
 
 
