@@ -211,16 +211,21 @@ def _plain_strings(name: str, table: pa.Table, decoded: int, max_decoded_bytes: 
                              "only string columns may be dictionary-encoded")
         chunks, values = [], set()
         for chunk in table.column(i).chunks:
+            value, size = None, 0
             if len(chunk.dictionary) == 1 and chunk.null_count == 0:  # one value: what encode() sends
                 value = chunk.dictionary[0].as_py()
                 size = len(value.encode()) * len(chunk)
-            else:
-                value = None
+            elif chunk.null_count < len(chunk):
                 size = pc.sum(pc.take(pc.binary_length(chunk.dictionary), chunk.indices)).as_py() or 0
             decoded += 4 * (len(chunk) + 1) + size
             if decoded > max_decoded_bytes:
                 raise FrameError(f"table {name!r} decodes to more than {max_decoded_bytes} bytes")
-            chunks.append(chunk.cast(pa.string()) if value is None else _repeated(value.encode(), len(chunk)))
+            if value is not None:
+                chunks.append(_repeated(value.encode(), len(chunk)))
+            elif chunk.null_count == len(chunk):  # no value at all (probe_set outside probe sets)
+                chunks.append(pa.nulls(len(chunk), pa.string()))
+            else:
+                chunks.append(chunk.cast(pa.string()))
             values.add(value)
         table = table.set_column(i, field.with_type(pa.string()), pa.chunked_array(chunks, pa.string()))
         if len(values) == 1 and None not in values:
