@@ -36,28 +36,30 @@ from moescope.analysis.query import Scope, check_options
 _ORDER = ("step", "checkpoint", "microbatch", "seq", "pos", "slot")
 
 
-def lru_hits(x_n: np.ndarray, sizes: list[int], dense: tuple[int, int] | None = None) -> dict[int, np.ndarray]:
+def lru_hits(x_n: np.ndarray, sizes: list[int]) -> dict[int, np.ndarray]:
     """Per cache size, whether each access of x_n hits an LRU cache of that size.
 
     An access hits an LRU cache of N iff fewer than N distinct other experts were accessed
-    since the previous access to the same expert (its stack distance, Mattson et al. 1970),
-    which gives every size from one pass: a move-to-front list in C (cache_kernels), else
-    numpy, per expert e, whether e's latest access before this one came after the previous
-    access to this one's expert. dense=(num_ids, distinct) says x_n already holds ids 0..num_ids-1.
+    since the previous access to the same expert: its stack distance (Mattson et al. 1970),
+    so one pass of stack_distances gives every size.
     """
+    distance_n = stack_distances(x_n)
+    return {size: (distance_n >= 0) & (distance_n < size) for size in sizes}
+
+
+def stack_distances(x_n: np.ndarray) -> np.ndarray:
+    """Each access's LRU stack distance, −1 on an expert's first access: a move-to-front list in C (cache_kernels),
+    else numpy, per expert e, whether e's latest access before this one came after the previous access to this one's."""
     x_n = np.asarray(x_n)
     if not len(x_n):
-        return {size: np.zeros(0, dtype=bool) for size in sizes}
-    ids, num_ids, _ = (x_n, *dense) if dense else _dense_ids(x_n)
+        return np.zeros(0, dtype=np.int32)
+    ids, num_ids = _dense_ids(x_n)
     distance_n = cache_kernels.lru_distances(ids, num_ids)
-    if distance_n is None:
-        distance_n = _stack_distances(x_n)
-    reused = distance_n >= 0
-    return {size: reused & (distance_n < size) for size in sizes}
+    return _stack_distances(x_n) if distance_n is None else distance_n
 
 
 def _stack_distances(x_n: np.ndarray) -> np.ndarray:
-    """LRU stack distance of each access, −1 on an expert's first access; O(E·n) numpy."""
+    """LRU stack distances in O(E·n) numpy."""
     n = len(x_n)
     idx = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
     order = np.argsort(x_n, kind="stable")
@@ -75,35 +77,31 @@ def _stack_distances(x_n: np.ndarray) -> np.ndarray:
     return distance_n
 
 
-def _dense_ids(x_n: np.ndarray) -> tuple[np.ndarray, int, int]:
-    """(ids 0..num_ids-1 of the accesses, num_ids, distinct ids used): expert ids as they are when small."""
+def _dense_ids(x_n: np.ndarray) -> tuple[np.ndarray, int]:
+    """(ids 0..num_ids-1 of the accesses, num_ids): expert ids as they are when small."""
     lo, hi = int(x_n.min()), int(x_n.max())
     if hi - lo < 1 << 20:
-        ids = x_n.astype(np.int32) - lo
-        return ids, hi - lo + 1, int(np.count_nonzero(np.bincount(ids, minlength=hi - lo + 1)))
+        return (x_n - lo if lo else x_n), hi - lo + 1
     uniq, ids = np.unique(x_n, return_inverse=True)
-    return ids, len(uniq), len(uniq)
+    return ids, len(uniq)
 
 
-def lfu_hits(x_n, size: int, lru1: np.ndarray | None = None, dense: tuple[int, int] | None = None) -> np.ndarray:
+def lfu_hits(x_n, size: int, distances: np.ndarray | None = None) -> np.ndarray:
     """Whether each access of x_n hits an LFU cache of `size` (uses since loading, LRU on ties).
 
-    Replayed by the C kernel of cache_kernels (Python without a compiler), except where no
-    replay is needed: size 1 is LRU of 1 (pass lru1, its hits, to reuse them), and a size
-    holding every expert of the stream never evicts, so every reuse hits. dense as lru_hits.
+    Replayed by the C kernel of cache_kernels (Python without a compiler), except where the
+    stack distances (pass them when known) answer it: size 1 is LRU of 1, and a size holding
+    every expert of the stream never evicts, so every reuse hits.
     """
     x_n = np.asarray(x_n)
-    if size == 1 and lru1 is not None:
-        return lru1
     if not len(x_n):
         return np.zeros(0, dtype=bool)
-    ids, num_ids, distinct = (x_n, *dense) if dense else _dense_ids(x_n)
-    if size >= distinct:
-        first_at = np.full(num_ids, len(ids), dtype=np.int64)
-        np.minimum.at(first_at, ids, np.arange(len(ids)))
-        hits = np.ones(len(ids), dtype=bool)
-        hits[first_at[first_at < len(ids)]] = False
-        return hits
+    distance_n = stack_distances(x_n) if distances is None else distances
+    if size == 1:
+        return distance_n == 0
+    if size >= np.count_nonzero(distance_n < 0):  # the stream's distinct experts
+        return distance_n >= 0
+    ids, num_ids = _dense_ids(x_n)
     return cache_kernels.lfu_replay(ids, num_ids, size)
 
 
@@ -179,16 +177,22 @@ def _coverage(store, scope: Scope, sizes: list[int], e_by_layer: dict[int, int],
 def _replay(store, scope: Scope, sizes: list[int], layers: list[int], by_step: bool) -> pd.DataFrame:
     keys = ["step", "layer", "cache_size"] if by_step else ["layer", "cache_size"]
     out = []
+    width = max(sizes) + 1  # stack distances binned 0..max size (the last bin: that or more, or a first access)
     for s in _streams(store, scope, layers):
-        lru = lru_hits(s.ids, sizes, dense=(s.num_ids, s.distinct))
-        step_i = np.repeat(np.arange(len(s.step_u)), s.step_n)
+        d = s.distances
+        binned = np.where(d < 0, width - 1, np.minimum(d, width - 1))
+        if by_step:
+            step_i = np.repeat(np.arange(len(s.step_u)), s.step_n)
+            lru_by = np.bincount(step_i * width + binned, minlength=len(s.step_u) * width).reshape(-1, width).cumsum(1)
+        else:
+            lru_by = np.bincount(binned, minlength=width).cumsum()[None, :]
         for size in sizes:
-            lfu = lfu_hits(s.ids, size, lru.get(1), dense=(s.num_ids, s.distinct))
+            lfu = lfu_hits(s.experts, size, d)
+            lfu_by = np.bincount(step_i, weights=lfu, minlength=len(s.step_u)) if by_step else [np.count_nonzero(lfu)]
+            part = pd.DataFrame({"lru": lru_by[:, size - 1], "lfu": lfu_by,
+                                 "accesses": s.step_n if by_step else [len(d)]})
             if by_step:
-                part = pd.DataFrame({"step": s.step_u, "lru": np.bincount(step_i, weights=lru[size], minlength=len(s.step_u)),
-                                     "lfu": np.bincount(step_i, weights=lfu, minlength=len(s.step_u)), "accesses": s.step_n})
-            else:
-                part = pd.DataFrame({"lru": [int(lru[size].sum())], "lfu": [int(lfu.sum())], "accesses": [len(s.ids)]})
+                part.insert(0, "step", s.step_u)
             part["layer"], part["cache_size"] = s.layer, size
             out.append(part)
     if not out:
@@ -201,27 +205,22 @@ def _replay(store, scope: Scope, sizes: list[int], layers: list[int], by_step: b
 
 @dataclasses.dataclass
 class Stream:
-    """One (layer, rank) cache's accesses in token order: dense expert ids, and the steps as runs."""
+    """One (layer, rank) cache's accesses in token order, their LRU stack distances, and the steps as runs."""
 
     layer: int
     rank: int
-    ids: np.ndarray      # 0..num_ids-1
-    num_ids: int
-    distinct: int
+    experts: np.ndarray
+    distances: np.ndarray
     step_u: np.ndarray   # the steps, ascending
     step_n: np.ndarray   # accesses at each
 
-    @staticmethod
-    def of(layer: int, rank: int, steps: np.ndarray, experts: np.ndarray) -> Stream:
-        ids, num_ids, distinct = _dense_ids(experts)
-        cut = np.flatnonzero(steps[1:] != steps[:-1]) + 1
-        starts = np.r_[0, cut]
-        return Stream(layer, rank, ids.astype(np.int16 if num_ids <= 1 << 15 else np.int32), num_ids, distinct,
-                      np.asarray(steps)[starts], np.diff(np.r_[starts, len(steps)]))
+    @property
+    def nbytes(self) -> int:
+        return self.experts.nbytes + self.distances.nbytes + self.step_u.nbytes + self.step_n.nbytes
 
 
-# Streams read before, per (store, run, live routing segments, scope); bounded in accesses (2 bytes each, mostly).
-STREAMS = BoundedMemo(1 << 26)
+# Streams read before, per (store, run, live routing segments, scope); bounded in bytes.
+STREAMS = BoundedMemo(1 << 28)
 
 
 def _streams(store, scope: Scope, layers: list[int]) -> list[Stream]:
@@ -230,13 +229,17 @@ def _streams(store, scope: Scope, layers: list[int]) -> list[Stream]:
            scope.checkpoint, scope.phase, scope.ranks)
     found = STREAMS.get(key)
     if found is None:
-        found = [Stream.of(*parts) for parts in _read_streams(store, scope, layers)]
-        STREAMS.put(key, found, sum(len(s.ids) for s in found))
+        found = []
+        for layer, rank, step_u, step_n, experts in _read_streams(store, scope, layers):
+            d = stack_distances(experts)
+            found.append(Stream(layer, rank, experts, d.astype(np.int16) if len(d) and d.max() < 1 << 15 else d,
+                                step_u, step_n))
+        STREAMS.put(key, found, sum(s.nbytes for s in found))
     return found
 
 
 def _read_streams(store, scope: Scope, layers: list[int]):
-    """(layer, rank, step of each access, expert of each access) per replay stream, in token order."""
+    """(layer, rank, steps, accesses per step, expert of each access) per replay stream, in token order."""
     where, params = dataclasses.replace(scope, layers=tuple(layers)).where()
     plan = _OrderKey.plan(store, scope, layers, where, params)
     if plan is None:  # ranges unknown, or too wide for one 64-bit key: DuckDB sorts
@@ -247,19 +250,44 @@ def _read_streams(store, scope: Scope, layers: list[int]):
         bounds = np.flatnonzero((np.diff(layer_n) != 0) | (np.diff(rank_n) != 0)) + 1
         for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(layer_n)]):
             if hi > lo:
-                yield int(layer_n[lo]), int(rank_n[lo]), step_n[lo:hi], expert_n[lo:hi]
+                yield (int(layer_n[lo]), int(rank_n[lo]), *_runs(step_n[lo:hi]), expert_n[lo:hi])
         return
-    tab = store.arrow(f"SELECT {plan.sql} AS key, expert FROM routing WHERE {where}", params, run=scope.run)
-    key, expert = tab.column("key").to_numpy(), tab.column("expert").to_numpy()
-    if len(key) > 1 and np.any(key[1:] < key[:-1]):
-        order = np.argsort(key, kind="stable")  # each segment's rows are a run already in order: a cheap merge
-        key, expert = key[order], expert[order]
-    stream = key >> plan.stream_shift
+    con = store.connect(scope.run, tables=())
+    try:
+        tab = con.sql(f"SELECT {plan.sql} AS key, expert FROM read_parquet({sql_list(plan.files)}, union_by_name=true) "
+                      f"WHERE {where}", params=params or None).to_arrow_table()
+    finally:
+        con.close()
+    key, expert = _in_key_order(tab.column("key").to_numpy(), tab.column("expert").to_numpy())
+    stream = key >> plan.stream_shift if len(layers) > 1 or plan.rank_bits else np.zeros(1, dtype=np.int64)
     bounds = np.flatnonzero(stream[1:] != stream[:-1]) + 1
     for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(key)]):
         if hi > lo:
             layer, rank = plan.stream(int(stream[lo]))
-            yield layer, rank, plan.steps(key[lo:hi]), expert[lo:hi]
+            step_u, step_n = _runs(key[lo:hi] >> plan.step_shift)  # the key's bits from the step up: one per step here
+            yield layer, rank, plan.steps(step_u << plan.step_shift), step_n, expert[lo:hi]
+
+
+def _runs(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The values of a sorted array and how many times each appears."""
+    starts = np.r_[0, np.flatnonzero(v[1:] != v[:-1]) + 1]
+    return v[starts], np.diff(np.r_[starts, len(v)])
+
+
+def _in_key_order(key: np.ndarray, expert: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows sorted by key. Each segment's rows are usually a sorted run already: runs that do not interleave are
+    put in order whole, others are sorted."""
+    down = np.flatnonzero(key[1:] < key[:-1]) + 1
+    if not len(down):
+        return key, expert
+    if len(down) < 4096:
+        starts, ends = np.r_[0, down], np.r_[down, len(key)]
+        order = np.argsort(key[starts], kind="stable")
+        if np.all(key[ends - 1][order][:-1] <= key[starts][order][1:]):
+            pieces = [slice(int(starts[i]), int(ends[i])) for i in order]
+            return np.concatenate([key[p] for p in pieces]), np.concatenate([expert[p] for p in pieces])
+    order = np.argsort(key, kind="stable")
+    return key[order], expert[order]
 
 
 @dataclasses.dataclass
@@ -279,6 +307,7 @@ class _OrderKey:
     step_shift: int
     step_bits: int
     stream_shift: int
+    files: list[str]  # the routing segments, in the order to read them
 
     def stream(self, code: int) -> tuple[int, int]:
         return self.layers[code >> self.rank_bits], (code & ((1 << self.rank_bits) - 1)) + self.rank_lo
@@ -294,15 +323,21 @@ class _OrderKey:
         con = store.connect(scope.run, tables=())
         try:
             names = ", ".join(f"'{c}'" for c in ("rank", *_ORDER) if c != "checkpoint")
-            stats = con.sql(f"""SELECT path_in_schema, min(TRY_CAST(stats_min_value AS BIGINT)),
+            stats = con.sql(f"""SELECT file_name, path_in_schema, min(TRY_CAST(stats_min_value AS BIGINT)),
                                        max(TRY_CAST(stats_max_value AS BIGINT)), count(*) - count(stats_min_value)
                                 FROM parquet_metadata({sql_list(files)}) WHERE path_in_schema IN ({names})
                                 GROUP BY ALL""").fetchall()
         finally:
             con.close()
-        ranges = {col: (lo, hi) for col, lo, hi, missing in stats if not missing and lo is not None and hi is not None}
-        if len(ranges) != 6:
+        if any(missing or lo is None or hi is None for _, _, lo, hi, missing in stats):
             return None
+        per_file: dict[str, dict[str, tuple[int, int]]] = {}
+        for name, col, lo, hi, _ in stats:
+            per_file.setdefault(name, {})[col] = (int(lo), int(hi))
+        if set(per_file) != set(files) or any(len(cols) != 6 for cols in per_file.values()):
+            return None
+        ranges = {col: (min(f[col][0] for f in per_file.values()), max(f[col][1] for f in per_file.values()))
+                  for col in next(iter(per_file.values()))}
         if scope.steps is not None:  # the window narrows the step range
             ranges["step"] = (max(ranges["step"][0], scope.steps[0]), min(ranges["step"][1], scope.steps[1]))
             if ranges["step"][0] > ranges["step"][1]:
@@ -336,7 +371,9 @@ class _OrderKey:
         if layer_bits:
             terms.append(f"({layer_index}::BIGINT << {shift + rank_bits})")
         step_bits = (int(ranges["step"][1]) - int(ranges["step"][0])).bit_length()
+        # Read in order of (rank, step) ranges: each segment's rows are usually in token order, so rows come out sorted.
+        in_order = sorted(files, key=lambda f: (per_file[f]["rank"], per_file[f]["step"], f))
         return _OrderKey(" | ".join(terms) or "0::BIGINT", list(layers), int(ranges["rank"][0]), rank_bits,
-                         int(ranges["step"][0]), step_shift, step_bits, shift)
+                         int(ranges["step"][0]), step_shift, step_bits, shift, in_order)
 
 

@@ -31,6 +31,7 @@ import pandas as pd
 
 from moescope.analysis import placement_replay as pr
 from moescope.analysis.health import has_rollups
+from moescope.analysis.memo import BoundedMemo
 from moescope.analysis.query import Scope, check_options, make_scope
 from moescope.device_map import DeviceMap, recorded
 
@@ -269,8 +270,29 @@ class Window:
     tokens_SL: np.ndarray  # exact tokens each layer saw at each step
 
 
+# Loads and co-activation read from the rollups, per (store, run, segments read, query): the window and
+# per-step views of one what-if, and device_load, read them once. Bounded in float64 values.
+ROLLUP_READS = BoundedMemo(1 << 24)
+
+
+def _kept(store, run: str, table: str, query: tuple, read):
+    """read(), or what it gave for the same query over the same live segments of `table`."""
+    key = (str(store.root), run, table, tuple(store.segment_paths(table, run)), query)
+    found = ROLLUP_READS.get(key)
+    if found is None:
+        found = read()
+        ROLLUP_READS.put(key, found, found.load_SLE.size + found.tokens_SL.size if isinstance(found, Window) else found.size)
+    return found
+
+
 def load_window(store, scope: Scope, layers: list[int], e_max: int, steps) -> Window:
+    """Exact loads of the window from expert_step (shared: do not modify the arrays)."""
     where, params = dataclasses.replace(scope, steps=steps).where()
+    return _kept(store, scope.run, "expert_step", ("window", where, tuple(params), tuple(layers), e_max),
+                 lambda: _read_window(store, scope, layers, e_max, steps, where, params))
+
+
+def _read_window(store, scope: Scope, layers: list[int], e_max: int, steps, where: str, params: list) -> Window:
     df = store.sql(f"""
         SELECT step, layer, expert, sum(tokens)::DOUBLE AS load, sum(num_tokens)::DOUBLE AS nt
         FROM expert_step WHERE {where} GROUP BY ALL ORDER BY step, layer, expert""", params, run=scope.run)
@@ -367,12 +389,15 @@ def coactivation_rollup(store, scope: Scope, steps, layers: np.ndarray, e_max: i
     if not has_rollups(store, scope, "coact_step"):
         return None
     where, params = dataclasses.replace(scope, steps=steps, layers=tuple(int(x) for x in layers)).where()
-    df = store.sql(f"""SELECT layer, expert_i, expert_j, sum(together)::DOUBLE AS n FROM coact_step
-                       WHERE {where} AND expert_i <> expert_j AND expert_i < {e_max} AND expert_j < {e_max}
-                       GROUP BY ALL""", params, run=scope.run)
-    out = np.zeros((len(layers), e_max, e_max))
-    out[np.searchsorted(layers, df.layer.to_numpy()), df.expert_i.to_numpy(), df.expert_j.to_numpy()] = df.n.to_numpy()
-    return out
+
+    def read() -> np.ndarray:
+        df = store.sql(f"""SELECT layer, expert_i, expert_j, sum(together)::DOUBLE AS n FROM coact_step
+                           WHERE {where} AND expert_i <> expert_j AND expert_i < {e_max} AND expert_j < {e_max}
+                           GROUP BY ALL""", params, run=scope.run)
+        out = np.zeros((len(layers), e_max, e_max))
+        out[np.searchsorted(layers, df.layer.to_numpy()), df.expert_i.to_numpy(), df.expert_j.to_numpy()] = df.n.to_numpy()
+        return out
+    return _kept(store, scope.run, "coact_step", ("coact", where, tuple(params), tuple(layers.tolist()), e_max), read)
 
 
 # ----------------------------------------------------------------------------- the metric
@@ -403,8 +428,11 @@ def placement(store, scope: Scope, meta: pd.DataFrame, ep_size=None, gpus_per_no
     Model: loads are exact from expert_step, split evenly over an expert's replicas (EPLB's
     assumption). The token at position pos lives on device pos mod G and is sent once to each
     other device holding one of its chosen experts (DeepEP-style dispatch; combine mirrors it),
-    from routing rows, scaled up when they are sampled; expectations over replicas.
-    balancedness = mean_d tokens_d / max_d tokens_d, overload = max_d / mean_d.
+    from routing rows, scaled up when they are sampled; expectations over replicas. The
+    coactivation policy is fitted on the coact_step rollup (exact), else on routing rows.
+    balancedness = mean_d tokens_d / max_d tokens_d, overload = max_d / mean_d. Rows are
+    counted once per routing segment and kept (placement_replay.CACHE): further policies,
+    windows and views of the run read none again.
 
     by="step": a row per (policy, step, layer, device): node, tokens, balancedness, overload,
     copies_sent, copies_recv, copies_sent_internode, bytes_sent, bytes_recv, bytes_sent_internode

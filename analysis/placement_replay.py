@@ -1,17 +1,20 @@
-"""Streamed replay of routing rows for the placement what-if: all-to-all copies and co-activation.
+"""Routing rows replayed for the placement what-if: all-to-all copies and co-activation.
 
 Legend: G devices, L layers of the window, E experts (the largest layer), K top-k, n rows
 of a batch, S = E^K signatures (a token's chosen experts in slot order), f[l, e, d] the
 share of expert e's tokens that device d computes under a placement.
 
-Rows are read in the order they were written, where the probe keeps a token's K slots
-consecutive (slot 0 first): a token is its run of rows, so no per-token GROUP BY (the
-expensive part of doing this in SQL). DuckDB turns each row into two small ints in
-parallel (key = (step, layer, home device), code = expert, slot); numpy checks the
-layout, builds a histogram of tokens by (key, signature) per batch and prices it with
-per-placement tables (SignatureReplay). Tokens with varying K replay row by row
-(Replay); rows written in another order are replayed sorted by token. A background
-thread scans the next batch while numpy works on the current one.
+What a placement costs in copies depends on each token only through (step, layer, home
+device, signature), so the rows are counted that way once (histogram) and every placement
+is priced from the counts (SignatureReplay: a gather through per-placement tables, or
+tensor contractions over a dense count array). The probe writes a token's K rows
+consecutively, so a token is its run of rows and no per-token GROUP BY is needed (the
+expensive part of doing this in SQL): DuckDB turns each row into a key (step, layer, home)
+and the expert, in parallel, and numpy checks the layout and counts, while a background
+thread scans the next batch. Counts are kept per run (CACHE) while the segments they came
+from are live, so other placements, windows and views read no rows again, and a growing
+run reads only its new segments. Tokens with varying K replay row by row (Replay); rows
+written in another order are replayed sorted by token.
 """
 from __future__ import annotations
 
@@ -226,7 +229,7 @@ class Replay:
 SIGNATURE_TABLE_MAX = 1 << 24
 # Counts over at most this many (step, layer, home, signature) cells are priced densely (tensor contractions).
 DENSE_COUNTS_MAX = 1 << 23
-# Signature counts kept between queries (HistogramCache), in (step, cell, signature) entries over all runs.
+# Signature counts kept between queries (CACHE), in (step, cell, signature) entries over all runs.
 HISTOGRAM_CACHE_ENTRIES = 1 << 23
 
 
