@@ -101,6 +101,10 @@ def lfu_hits(x_n, size: int, distances: np.ndarray | None = None) -> np.ndarray:
         return distance_n == 0
     if size >= np.count_nonzero(distance_n < 0):  # the stream's distinct experts
         return distance_n >= 0
+    return _lfu_replay(x_n, size)
+
+
+def _lfu_replay(x_n: np.ndarray, size: int) -> np.ndarray:
     ids, num_ids = _dense_ids(x_n)
     return cache_kernels.lfu_replay(ids, num_ids, size)
 
@@ -177,20 +181,11 @@ def _coverage(store, scope: Scope, sizes: list[int], e_by_layer: dict[int, int],
 def _replay(store, scope: Scope, sizes: list[int], layers: list[int], by_step: bool) -> pd.DataFrame:
     keys = ["step", "layer", "cache_size"] if by_step else ["layer", "cache_size"]
     out = []
-    width = max(sizes) + 1  # stack distances binned 0..max size (the last bin: that or more, or a first access)
     for s in _streams(store, scope, layers):
-        d = s.distances
-        binned = np.where(d < 0, width - 1, np.minimum(d, width - 1))
-        if by_step:
-            step_i = np.repeat(np.arange(len(s.step_u)), s.step_n)
-            lru_by = np.bincount(step_i * width + binned, minlength=len(s.step_u) * width).reshape(-1, width).cumsum(1)
-        else:
-            lru_by = np.bincount(binned, minlength=width).cumsum()[None, :]
         for size in sizes:
-            lfu = lfu_hits(s.experts, size, d)
-            lfu_by = np.bincount(step_i, weights=lfu, minlength=len(s.step_u)) if by_step else [np.count_nonzero(lfu)]
-            part = pd.DataFrame({"lru": lru_by[:, size - 1], "lfu": lfu_by,
-                                 "accesses": s.step_n if by_step else [len(d)]})
+            lru, lfu = s.lru(size), s.lfu(size)
+            part = pd.DataFrame({"lru": lru, "lfu": lfu, "accesses": s.step_n} if by_step else
+                                {"lru": [lru.sum()], "lfu": [lfu.sum()], "accesses": [s.step_n.sum()]})
             if by_step:
                 part.insert(0, "step", s.step_u)
             part["layer"], part["cache_size"] = s.layer, size
@@ -203,20 +198,39 @@ def _replay(store, scope: Scope, sizes: list[int], layers: list[int], by_step: b
     return df[[*keys, "lru_hit_rate", "lfu_hit_rate", "accesses"]]
 
 
-@dataclasses.dataclass
 class Stream:
-    """One (layer, rank) cache's accesses in token order, their LRU stack distances, and the steps as runs."""
+    """One (layer, rank) cache's accesses in token order, with its hits per step as they are asked for.
 
-    layer: int
-    rank: int
-    experts: np.ndarray
-    distances: np.ndarray
-    step_u: np.ndarray   # the steps, ascending
-    step_n: np.ndarray   # accesses at each
+    LRU: the accesses of each step by stack distance (the last column: first accesses),
+    summed along, so any cache size is a column. LFU: replayed once per cache size asked.
+    """
+
+    def __init__(self, layer: int, rank: int, step_u: np.ndarray, step_n: np.ndarray, experts: np.ndarray):
+        self.layer, self.rank, self.step_u, self.step_n, self.experts = layer, rank, step_u, step_n, experts
+        d = stack_distances(experts)
+        self.distinct = int(np.count_nonzero(d < 0))
+        width = self.distinct + 1  # distances 0..distinct-1, then first accesses
+        cell = np.repeat(np.arange(len(step_u), dtype=np.int64) * width, step_n)
+        cell += np.where(d < 0, width - 1, d)
+        self.lru_cum = np.bincount(cell, minlength=len(step_u) * width).reshape(-1, width).cumsum(1)
+        self._lfu: dict[int, np.ndarray] = {}
+
+    def lru(self, size: int) -> np.ndarray:
+        """LRU hits per step of a cache of `size`."""
+        return self.lru_cum[:, min(size, self.distinct) - 1] if self.distinct else np.zeros(len(self.step_u), np.int64)
+
+    def lfu(self, size: int) -> np.ndarray:
+        """LFU hits per step of a cache of `size`: LRU where they agree (one expert; every expert held), else replayed."""
+        if size == 1 or size >= self.distinct:
+            return self.lru(size)
+        if size not in self._lfu:
+            starts = np.r_[0, np.cumsum(self.step_n)[:-1]]
+            self._lfu[size] = np.add.reduceat(_lfu_replay(self.experts, size).astype(np.int64), starts)
+        return self._lfu[size]
 
     @property
     def nbytes(self) -> int:
-        return self.experts.nbytes + self.distances.nbytes + self.step_u.nbytes + self.step_n.nbytes
+        return self.experts.nbytes + self.lru_cum.nbytes + self.step_u.nbytes + self.step_n.nbytes
 
 
 # Streams read before, per (store, run, live routing segments, scope); bounded in bytes.
@@ -229,11 +243,7 @@ def _streams(store, scope: Scope, layers: list[int]) -> list[Stream]:
            scope.checkpoint, scope.phase, scope.ranks)
     found = STREAMS.get(key)
     if found is None:
-        found = []
-        for layer, rank, step_u, step_n, experts in _read_streams(store, scope, layers):
-            d = stack_distances(experts)
-            found.append(Stream(layer, rank, experts, d.astype(np.int16) if len(d) and d.max() < 1 << 15 else d,
-                                step_u, step_n))
+        found = [Stream(*parts) for parts in _read_streams(store, scope, layers)]
         STREAMS.put(key, found, sum(s.nbytes for s in found))
     return found
 

@@ -23,6 +23,7 @@ The model, stated once (docstring of `placement` repeats it for users):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -342,12 +343,27 @@ class TokenRows:
         return self._stream(steps, {}, coactivation=True)
 
     def copies(self, steps: np.ndarray, tables: dict[str, np.ndarray]):
-        """Every placement's copies per (step, layer, device) at `steps` (.traffic), and tokens seen per (step, layer) (.seen)."""
-        if self.counts is not None:
-            r = pr.SignatureReplay(self._grid(steps), tables, self.k)
+        """Every placement's copies per (step, layer, device) at `steps` (.traffic), and tokens seen per (step, layer) (.seen).
+
+        From kept counts, a placement priced before at the same steps (the window and the
+        per-step view of one what-if) is not priced again.
+        """
+        if self.counts is None:
+            return self._stream(steps, tables)
+        base = (self.counts.source, _digest(steps), self.layout.gpus_per_node, self.k)
+        known = {p: PRICED.get((*base, _digest(t))) for p, t in tables.items()} if self.counts.source else {}
+        seen = PRICED.get((*base, "seen")) if self.counts.source else None
+        todo = {p: t for p, t in tables.items() if known.get(p) is None}
+        r = pr.SignatureReplay(self._grid(steps), todo, self.k)
+        if todo or seen is None:
             r.add(self.counts)
-            return r
-        return self._stream(steps, tables)
+        if self.counts.source:
+            PRICED.put((*base, "seen"), r.seen if seen is None else seen, len(r.seen))
+            for p, t in todo.items():
+                PRICED.put((*base, _digest(t)), r.traffic[p], 3 * r.grid.size)
+        r.seen = r.seen if seen is None else seen
+        r.traffic.update({p: v for p, v in known.items() if v is not None})
+        return r
 
     def _grid(self, steps: np.ndarray) -> pr.Grid:
         return pr.Grid(steps, self.layers, self.layout.ep_size, self.layout.gpus_per_node, self.e_max)
@@ -384,10 +400,16 @@ class TokenRows:
         raise ValueError(f"routing rows of run {self.scope.run!r} repeat or skip a slot of a token")
 
 
-def coactivation_rollup(store, scope: Scope, steps, layers: np.ndarray, e_max: int) -> np.ndarray | None:
-    """C[l, i, j] from the coact_step rollup (exact over every token, even when routing rows are sampled); None without it."""
-    if not has_rollups(store, scope, "coact_step"):
-        return None
+# Copies of placements priced from kept counts, per (counts, steps, placement): bounded in float64 values.
+PRICED = BoundedMemo(1 << 24)
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).hexdigest() + str(a.shape)
+
+
+def coactivation_rollup(store, scope: Scope, steps, layers: np.ndarray, e_max: int) -> np.ndarray:
+    """C[l, i, j] from the coact_step rollup (exact over every token, even when routing rows are sampled)."""
     where, params = dataclasses.replace(scope, steps=steps, layers=tuple(int(x) for x in layers)).where()
 
     def read() -> np.ndarray:
@@ -477,8 +499,9 @@ def placement(store, scope: Scope, meta: pd.DataFrame, ep_size=None, gpus_per_no
     tokens = TokenRows(store, scope, eval_w.layers, layout, e_max, ks, windows)
 
     def coactivation(window: Window, steps) -> np.ndarray:
-        found = None if coact_rows else coactivation_rollup(store, scope, steps, window.layers, e_max)
-        return tokens.coactivation(window.steps) if found is None else found
+        if coact_rows:
+            return tokens.coactivation(window.steps)
+        return coactivation_rollup(store, scope, steps, window.layers, e_max)
 
     def build(policy: str, window: Window, coact_LEE) -> list[Devices]:
         per_layer = []

@@ -315,6 +315,7 @@ class Counts:
     step: np.ndarray
     cell_sig: np.ndarray
     count: np.ndarray
+    source: tuple | None = None  # what they were counted from (kept counts: equal sources, equal counts)
 
     @property
     def size(self) -> int:
@@ -425,7 +426,7 @@ def histogram(store, run: str, space: Space, filters: str, params: list, windows
             parts = [*parts, counter.finish()]
             covered = covered | frozenset(need)
             CACHE.put(key, (covered, parts), sum(p.size for p in parts))
-    return Counts.join(parts)
+    return dataclasses.replace(Counts.join(parts), source=(key, covered))
 
 
 def _step_ranges(con, files: list[str]) -> dict[str, tuple[int, int] | None]:

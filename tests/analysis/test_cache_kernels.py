@@ -105,7 +105,12 @@ def test_streams_are_read_once_until_the_run_writes_again(store, monkeypatch):
     original = store.arrow
     monkeypatch.setattr(store, "arrow", lambda *a, **k: reads.append(a) or original(*a, **k))
     assert compute_metric(store, "expert_cache", "grow", cache_sizes=[2]).equals(first)
+    per_step = compute_metric(store, "expert_cache", "grow", cache_sizes=[1, 3], by="step")  # other sizes, same rows
     assert not any("routing" in q[0] for q in reads)
+    hits = per_step.assign(lru=per_step.lru_hit_rate * per_step.accesses, lfu=per_step.lfu_hit_rate * per_step.accesses)
+    whole = expected_rates(rows, [1, 3])
+    for (layer, size), r in hits.groupby(["layer", "cache_size"])[["lru", "lfu", "accesses"]].sum().iterrows():
+        assert (r.lru / r.accesses, r.lfu / r.accesses) == pytest.approx(whole[layer, size])
     more = write_frames(store, "grow", np.random.default_rng(5), ranks=1, checkpoints=("b",), steps=2, producer="q")
     df = compute_metric(store, "expert_cache", "grow", cache_sizes=[2])
     want = expected_rates(rows + more, [2])

@@ -20,10 +20,13 @@ EIGHT = {0: [(0, (0, 1)), (1, (0, 2)), (2, (0, 4)), (3, (0, 6)), (4, (1, 3)), (5
 
 @pytest.fixture(autouse=True)
 def fresh_counts():
-    """Each test reads its routing rows itself: no signature counts kept from another test."""
-    pr.CACHE.clear()
+    """Each test reads its routing rows itself: nothing kept from another test."""
+    kept = (pr.CACHE, placement_module.PRICED, placement_module.ROLLUP_READS)
+    for memo in kept:
+        memo.clear()
     yield
-    pr.CACHE.clear()
+    for memo in kept:
+        memo.clear()
 
 
 @pytest.fixture(params=["signatures", "sparse signatures", "rows"])
@@ -210,6 +213,7 @@ def test_tokens_cut_by_batch_boundaries_count_the_same(eight, monkeypatch, batch
                            expert_map=expert_map)
     monkeypatch.setattr(pr, "BATCH_ROWS", batch_rows)
     pr.CACHE.clear()  # read the rows again, in small batches
+    placement_module.PRICED.clear()
     cut = compute_metric(eight, "placement", "eight", ep_size=4, gpus_per_node=2, policy=["round_robin", "map"],
                          expert_map=expert_map)
     assert np.allclose(cut.select_dtypes("number"), whole.select_dtypes("number"), equal_nan=True)
@@ -316,6 +320,7 @@ def test_counts_kept_between_queries_follow_the_run_as_it_grows_and_is_compacted
     write_trace(store, "live", _random_trace(rng, range(8, 12)), num_experts=8, top_k=2, producer="second")
     grown = compute_metric(store, "placement", "live", **options)
     pr.CACHE.clear()
+    placement_module.PRICED.clear()
     assert grown.equals(compute_metric(store, "placement", "live", **options))  # as if read from scratch
     assert store.compact("live", min_files=2) > 0  # segments retired: counts kept for them are dropped
     compacted = compute_metric(store, "placement", "live", **options)
