@@ -23,9 +23,9 @@ Store.write_frame) with the time split by phase. During each stream window the C
 seconds of the worker processes, the Redis server and this (producer) process are read
 from /proc, per million routing rows, so the gap to the raw write is located.
 
-With a list of worker counts (--workers 1,2,4) the stream path is measured once per
-count, in that order, --rounds times; each count's median is printed with its ratio to
-the first count's (scaling on this machine).
+With a list of worker counts (--workers 1,2,4, or 1x2,1x4,2x2 for processes x consumer
+threads) the stream path is measured once per entry, in that order, --rounds times; each
+entry's median is printed with its ratio to the first entry's (scaling on this machine).
 """
 from __future__ import annotations
 
@@ -167,8 +167,9 @@ def stored_routing_rows(store, run) -> int:
             md.segments.c.table_name == "routing", md.segments.c.run == run)).scalar())
 
 
-def bench_stream(args, env, url, store, templates: list[Frame], workers: int) -> tuple[float, float]:
-    """Routing rows/s stored by `workers` worker processes over the window; prints CPU seconds per process kind."""
+def bench_stream(args, env, url, store, templates: list[Frame], workers: int, threads: int) -> tuple[float, float]:
+    """Routing rows/s stored by `workers` worker processes of `threads` consumer threads over the window; prints CPU
+    seconds per process kind."""
     import redis
 
     from moescope.probe.redis_sink import RedisSink
@@ -176,13 +177,13 @@ def bench_stream(args, env, url, store, templates: list[Frame], workers: int) ->
     stream = f"moescope:frames:w{workers}-{uuid.uuid4().hex[:6]}"  # a stream of its own: no leftovers between runs
     producer = f"bench-{stream[-6:]}"  # sequence numbers start at 0 again for each measurement
     encoded = [encode(dataclasses.replace(f, producer=producer, seq=i)) for i, f in enumerate(templates)]
-    procs = start_workers({**env, "MOESCOPE_STREAM": stream}, workers, args.ingest_threads, ["--pool=solo"])
+    procs = start_workers({**env, "MOESCOPE_STREAM": stream}, workers, threads, ["--pool=solo"])
     sink = RedisSink(url, stream=stream, spool_dir=Path(env["MOESCOPE_STORE"]).parent / f"spool-{stream[-6:]}",
                      ack_poll_s=0.1, maxlen=64, queue_bytes=512 << 20, spill_budget_bytes=4 << 30)
     client = redis.Redis.from_url(url)
-    seq, in_flight = 0, max(args.in_flight, 2 * workers * args.ingest_threads)
+    seq, in_flight = 0, max(args.in_flight, 2 * workers * threads)
     try:
-        _wait_for_consumers(client, stream, workers * args.ingest_threads)
+        _wait_for_consumers(client, stream, workers * threads)
         warm_end = time.monotonic() + args.warmup
         t0 = r0 = cpu0 = None
         end = warm_end + args.seconds
@@ -211,7 +212,7 @@ def bench_stream(args, env, url, store, templates: list[Frame], workers: int) ->
     rate = (r1 - r0) / (t1 - t0)
     mode = "pre-encoded XADD" if args.pre_encoded else "RedisSink (encode in this process)"
     per_m = {k: (cpu1[k] - cpu0[k]) / max(r1 - r0, 1) * 1e6 for k in cpu0}
-    print(f"stream ingest  [{mode}, {workers} worker(s) x {args.ingest_threads} thread(s)]: {r1 - r0:,} routing rows in "
+    print(f"stream ingest  [{mode}, {workers} worker(s) x {threads} thread(s)]: {r1 - r0:,} routing rows in "
           f"{t1 - t0:.1f}s = {rate / 1e6:.2f} M rows/s; CPU s per M rows: workers {per_m['workers']:.2f}, "
           f"redis-server {per_m['redis']:.2f}, producer {per_m['producer']:.2f} (all {sum(per_m.values()):.2f}); "
           f"load average {load0:.1f} -> {load1:.1f}", flush=True)
@@ -366,13 +367,18 @@ def bench_worker_path(args, work: Path, templates: list[Frame], raw_rate: float)
         store.close()
 
 
+def _label(count: tuple[int, int]) -> str:
+    return f"{count[0]} worker(s) x {count[1]} thread(s)"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=60.0, help="measured window of the stream path (default 60)")
     ap.add_argument("--warmup", type=float, default=5.0)
     ap.add_argument("--rows-per-frame", type=int, default=500_000)
-    ap.add_argument("--workers", default="1", help="worker processes; a list (1,2,4) measures the stream path once per "
-                    "count, in this order, repeated --rounds times, and prints each count's ratio to the first")
+    ap.add_argument("--workers", default="1", help="worker processes, or NxT for N processes of T threads; a list "
+                    "(1,2,4 or 1x2,1x4,2x2) measures the stream path once per entry, in this order, repeated --rounds "
+                    "times, and prints each entry's ratio to the first")
     ap.add_argument("--rounds", type=int, default=1, help="repeats of the --workers list (medians are reported)")
     ap.add_argument("--skip-in-process", action="store_true", help="measure only the raw write and the stream path")
     ap.add_argument("--ingest-threads", type=int, default=2)
@@ -383,11 +389,13 @@ def main(argv=None) -> int:
     ap.add_argument("--database-url", default=None)
     args = ap.parse_args(argv)
     try:
-        counts = [int(n) for n in args.workers.split(",")]
-        if not counts or min(counts) < 1:
+        # "N" or "NxT": N worker processes of T consumer threads (default --ingest-threads)
+        counts = [tuple(int(x) for x in (f"{w}x{args.ingest_threads}" if "x" not in w else w).split("x"))
+                  for w in args.workers.split(",")]
+        if not counts or any(len(c) != 2 or min(c) < 1 for c in counts):
             raise ValueError
     except ValueError:
-        print(f"--workers must be positive counts separated by commas, got {args.workers!r}", file=sys.stderr)
+        print(f"--workers must be counts like 1,2,4 or 1x2,2x2 separated by commas, got {args.workers!r}", file=sys.stderr)
         return 2
     if shutil.which("redis-server") is None:
         print("redis-server not on PATH", file=sys.stderr)
@@ -416,25 +424,25 @@ def main(argv=None) -> int:
         raw_rate, raw_cpu = bench_raw(args, work, templates)
         if not args.skip_in_process:
             bench_worker_path(args, work, templates, raw_rate)
-        rates: dict[int, list[float]] = {n: [] for n in counts}
-        cpus: dict[int, list[float]] = {n: [] for n in counts}
+        rates: dict[tuple, list[float]] = {n: [] for n in counts}
+        cpus: dict[tuple, list[float]] = {n: [] for n in counts}
         for _ in range(args.rounds):
             for n in counts:
-                rate, cpu = bench_stream(args, env, url, store, templates, n)
+                rate, cpu = bench_stream(args, env, url, store, templates, *n)
                 rates[n].append(rate)
                 cpus[n].append(cpu)
         # The machine's load drifts: the limit is the mean of a raw window before and one after the stream path.
         after, after_cpu = bench_raw(args, work, templates, "the limit, again")
         raw_rate, raw_cpu = (raw_rate + after) / 2, (raw_cpu + after_cpu) / 2
         stream_rate, stream_cpu = statistics.median(rates[counts[0]]), statistics.median(cpus[counts[0]])
-        print(f"ratio stream / raw Parquet write: {stream_rate / raw_rate:.2f}x ({counts[0]} worker(s), against the mean "
+        print(f"ratio stream / raw Parquet write: {stream_rate / raw_rate:.2f}x ({_label(counts[0])}, against the mean "
               f"of both raw windows, {raw_rate / 1e6:.2f} M rows/s); CPU per row: raw / stream = "
               f"{raw_cpu:.2f} / {stream_cpu:.2f} = {raw_cpu / stream_cpu:.2f}x", flush=True)
         if len(counts) > 1:
             for n in counts:
                 med = statistics.median(rates[n])
-                print(f"scaling: {n} worker(s) x {args.ingest_threads} thread(s): {med / 1e6:.2f} M rows/s (median of "
-                      f"{len(rates[n])}) = {med / stream_rate:.2f}x {counts[0]} worker(s)", flush=True)
+                print(f"scaling: {_label(n)}: {med / 1e6:.2f} M rows/s (median of {len(rates[n])}) = "
+                      f"{med / stream_rate:.2f}x {_label(counts[0])}", flush=True)
         naive_rate = bench_naive(args, env, store) if args.naive_seconds > 0 else 0.0
         if naive_rate:
             print(f"ratio stream / naive: {stream_rate / naive_rate:,.0f}x")
