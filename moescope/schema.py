@@ -7,9 +7,10 @@ Tables:
                tokens, even when per-token rows are sampled. Several rows may share a key
                (one per frame); readers always SUM.
 
-Rollups (ROLLUPS) are derived by the store from each frame's per-token tables at write
-time, never accepted from a producer, so the dashboard reads aggregates instead of
-every token. Several rows may share a key (one per frame); readers always SUM.
+Rollups (ROLLUPS) sum what the dashboard reads per token, so a page reads aggregates
+instead of every token: the probe counts them over every token of a frame (meta
+"rollups": true), and the store derives them from the per-token tables of frames that
+arrive without. Several rows may share a key (one per frame); readers always SUM.
 - token_step   per (run, checkpoint, step, rank, layer, phase): token count and the sums
                behind mean entropy, margin and z
 - token_hist   the same key plus stat and bin: a log-bucketed histogram (a mergeable
