@@ -35,12 +35,18 @@ def run_job(framework: str, out: Path) -> list:
 CONTIGUOUS = {"num_devices": RANKS, "layers": {"0": [0] * 4 + [1] * 4, "1": [0] * 4 + [1] * 4}}
 
 
-def test_megatron_expert_parallel_group_is_recorded_and_charts_tokens_per_device(tmp_path):
-    pytest.importorskip("megatron.core.transformer.moe.moe_layer")
-    frames = run_job("megatron", tmp_path)
+def job_with_recorded_map(framework: str, tmp_path):
+    """The job's frames, after checking every rank recorded the contiguous map read from the framework."""
+    frames = run_job(framework, tmp_path)
     configs = [f.meta["run_config"] for f in frames if f.seq == 0]
     assert len(configs) == RANKS
-    assert all(c["expert_devices"] == {"source": "megatron", **CONTIGUOUS} for c in configs)
+    assert all(c["expert_devices"] == {"source": framework, **CONTIGUOUS} for c in configs)
+    return frames
+
+
+def test_megatron_expert_parallel_group_is_recorded_and_charts_tokens_per_device(tmp_path):
+    pytest.importorskip("megatron.core.transformer.moe.moe_layer")
+    frames = job_with_recorded_map("megatron", tmp_path)
     store = Store(tmp_path / "store")
     try:
         for frame in frames:
@@ -57,10 +63,7 @@ def test_megatron_expert_parallel_group_is_recorded_and_charts_tokens_per_device
 
 def test_deepspeed_expert_parallel_group_is_recorded(tmp_path):
     pytest.importorskip("deepspeed.moe.layer")
-    frames = run_job("deepspeed", tmp_path)
-    configs = [f.meta["run_config"] for f in frames if f.seq == 0]
-    assert len(configs) == RANKS
-    assert all(c["expert_devices"] == {"source": "deepspeed", **CONTIGUOUS} for c in configs)
+    frames = job_with_recorded_map("deepspeed", tmp_path)
     # MOELayer's sparse routes are recorded: every rank, step, layer, token and slot (top-2, 24 tokens).
     rows = [f.tables["routing"] for f in frames if "routing" in f.tables]
     per_rank = {r: sum(t.num_rows for t in rows if t.column("rank")[0].as_py() == r) for r in range(RANKS)}
