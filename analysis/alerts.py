@@ -419,10 +419,14 @@ def replay(store, rule: int | str | dict, run: str) -> list[dict]:
 
 
 def _latest_step(store, rule: dict, run: str) -> int | None:
-    table = "token_stats" if rule["metric"] == "entropy" else "expert_step"
+    # Entropy: the token_step rollup (small) first; runs stored before rollups have only token_stats.
+    tables = ("token_step", "token_stats") if rule["metric"] == "entropy" else ("expert_step",)
     where = "" if rule["layer"] is None else f" WHERE layer = {int(rule['layer'])}"
-    last = store.sql(f"SELECT max(step) AS s FROM {table}{where}", run=run)["s"].iloc[0]
-    return None if last is None or pd.isna(last) else int(last)
+    for table in tables:
+        last = store.sql(f"SELECT max(step) AS s FROM {table}{where}", run=run)["s"].iloc[0]
+        if last is not None and not pd.isna(last):
+            return int(last)
+    return None
 
 
 def _evaluate(store, rule: dict, run: str, now: float) -> list[dict]:

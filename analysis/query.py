@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from moescope.analysis.memo import BoundedMemo
+
 BY_VALUES = ("step", "window")
 
 
@@ -98,10 +100,7 @@ def layer_meta(store, run: str) -> pd.DataFrame:
     """
     reg = store.layers(run)
     meta = {int(r.layer): (int(r.num_experts), int(r.top_k)) for r in reg.itertuples()}
-    # k from expert_step: Σ_i tokens_i / T, T being num_tokens (repeated on each expert row).
-    seen = store.sql("SELECT layer, max(expert) + 1 AS E, sum(tokens) / greatest(max(nt), 1) AS k FROM ("
-                     " SELECT layer, expert, sum(tokens) AS tokens, sum(num_tokens) AS nt FROM expert_step GROUP BY layer, expert)"
-                     " GROUP BY layer", run=run)
+    seen = _seen_layers(store, run)
     for r in seen.itertuples():
         meta.setdefault(int(r.layer), (int(r.E), max(1, int(round(r.k)))))
     if not meta:
@@ -110,6 +109,23 @@ def layer_meta(store, run: str) -> pd.DataFrame:
             meta.setdefault(int(r.layer), (int(r.E), int(r.k)))
     rows = sorted((layer, e, k) for layer, (e, k) in meta.items())
     return pd.DataFrame(rows, columns=["layer", "E", "k"]).astype({"layer": "int64", "E": "int64", "k": "int64"})
+
+
+# Layer sizes seen in expert_step, per (store, run, live expert_step segments): every metric
+# asks for them and segments never change under their name, so a new segment is a new key.
+_SEEN_LAYERS = BoundedMemo(max_size=256)
+
+
+def _seen_layers(store, run: str) -> pd.DataFrame:
+    key = (str(getattr(store, "root", id(store))), run, tuple(store.segment_paths("expert_step", run)))
+    seen = _SEEN_LAYERS.get(key)
+    if seen is None:
+        # k from expert_step: Σ_i tokens_i / T, T being num_tokens (repeated on each expert row).
+        seen = store.sql("SELECT layer, max(expert) + 1 AS E, sum(tokens) / greatest(max(nt), 1) AS k FROM ("
+                         " SELECT layer, expert, sum(tokens) AS tokens, sum(num_tokens) AS nt FROM expert_step"
+                         " GROUP BY layer, expert) GROUP BY layer", run=run)
+        _SEEN_LAYERS.put(key, seen, 1)
+    return seen
 
 
 def run_ranks(store, run: str) -> list[int]:

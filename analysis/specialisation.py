@@ -15,6 +15,7 @@ from math import comb
 
 import pandas as pd
 
+from moescope.analysis import vocab_counts
 from moescope.analysis.health import has_rollups
 from moescope.analysis.query import Scope, check_options, meta_cte, token_key
 
@@ -77,6 +78,11 @@ def vocab_specialisation(store, scope: Scope, meta: pd.DataFrame, *, next_token:
         raise ValueError(f"top must be a positive int, got {top!r}")
     where, params = scope.where()
     sk = scope.step_key
+    if not next_token and not sk and scope.steps is None:
+        # The whole run as one window: counts kept per segment read, so a refresh reads only new segments.
+        counts = vocab_counts.whole_run_counts(store, scope.run, where, params)
+        if counts is not None:
+            return vocab_counts.shares(counts, "token_id", min_count, top)
     if next_token:
         # Next id within the same sequence, only where the next position was recorded.
         source = f"""

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 # Retired segment files stay on disk this long so queries that listed them still finish.
 RETIRE_GRACE_S = 120.0
+# Footer reads that fail with a transient I/O error are tried this often, waiting 0.2 s, 0.4 s, ... between.
+FOOTER_TRIES = 3
+FOOTER_RETRY_S = 0.2
 
 
 class UnknownRun(StoreError):
@@ -367,6 +370,9 @@ class Store(AlertRecords):
         return pd.DataFrame(rows, columns=cols)
 
     def segment_paths(self, table: str, run: str | None = None) -> list[str]:
+        session = getattr(self._local, "session", None)
+        if session is not None and session.run == run:  # the listing the open session reads from
+            return list(session.live.get(table, []))
         return self._live_segments(run).get(table, [])
 
     def _live_segments(self, run: str | None) -> dict[str, list[str]]:
@@ -486,7 +492,7 @@ class Store(AlertRecords):
         bad = []
         for rel, srun, table, nrows in rows:
             try:
-                meta = self.files.read_metadata(rel)
+                meta = self._footer(rel)
                 if meta.num_rows != nrows:
                     raise ValueError(f"holds {meta.num_rows} rows, the store recorded {nrows}")
             except (OSError, ValueError, pa.ArrowException, StoreError) as exc:
@@ -494,6 +500,19 @@ class Store(AlertRecords):
                 if self._quarantine(rel, srun, table, nrows, reason):
                     bad.append({"path": rel, "run": srun, "table_name": table, "rows": nrows, "reason": reason})
         return bad
+
+    def _footer(self, rel: str):
+        # A missing or corrupt file stays so; any other I/O error (a reset connection to object
+        # storage) may pass, so it is tried again before a good segment leaves every query.
+        for attempt in range(FOOTER_TRIES):
+            try:
+                return self.files.read_metadata(rel)
+            except FileNotFoundError:
+                raise
+            except OSError:
+                if attempt == FOOTER_TRIES - 1:
+                    raise
+                time.sleep(FOOTER_RETRY_S * 2 ** attempt)
 
     def _quarantine(self, rel: str, run: str, table: str, rows: int, reason: str) -> bool:
         with self.engine.begin() as conn:
@@ -623,8 +642,8 @@ class Store(AlertRecords):
         self.require_run(run)
         with self.engine.begin() as conn:
             paths = [p for (p,) in conn.execute(select(md.segments.c.path).where(md.segments.c.run == run))]
-            for table in (md.segments, md.ingest_ledger, md.dropped_frames, md.dead_letters, md.checkpoints, md.layers,
-                          md.token_texts, md.alert_events, md.alert_state, md.runs):
+            for table in (md.segments, md.quarantined_segments, md.ingest_ledger, md.dropped_frames, md.dead_letters,
+                          md.checkpoints, md.layers, md.token_texts, md.alert_events, md.alert_state, md.runs):
                 conn.execute(delete(table).where(table.c.run == run))
         # Files go after the commit: a reader holding the old list may fail once, never double count.
         # Every path is checked to lie under the root: metadata never makes us delete elsewhere.
@@ -634,7 +653,7 @@ class Store(AlertRecords):
             except StoreError:
                 log.error("store: not deleting %r of run %r: outside the store", p, run)
         check_run_id(run)
-        for folder in [f"segments/{name}/run={run}" for name in STORED] + [f"checkpoints/{run}"]:
+        for folder in [f"{top}segments/{name}/run={run}" for top in ("", "quarantine/") for name in STORED] + [f"checkpoints/{run}"]:
             self.files.remove_tree(folder)
 
     def delete_runs_before(self, cutoff: float) -> int:

@@ -69,7 +69,7 @@ def step_lines(series: dict[str, pd.DataFrame], value: str, *, title: str, y_tit
     fig = go.Figure()
     for i, (name, df) in enumerate(series.items()):
         colour = COLOURS[i % len(COLOURS)]
-        steps = df["step"].astype("int64").tolist()
+        steps = df["step"].astype("int64").to_numpy()  # arrays, not lists: plotly checks a list item by item
         raw = df[value].astype(float).to_numpy()
         if smoothing:
             fig.add_trace(go.Scatter(x=steps, y=raw, mode="lines", name=f"{name} (raw)", showlegend=False,
@@ -92,7 +92,7 @@ def band_chart(df: pd.DataFrame, *, title: str, y_title: str, uirevision: str = 
     df = df.dropna(subset=["mean"]).sort_values("step") if not df.empty else df
     if df.empty:
         return empty_figure(NO_DATA, title)
-    steps = df["step"].astype("int64").tolist()
+    steps = df["step"].astype("int64").to_numpy()
     fig = go.Figure([
         go.Scatter(x=steps, y=ema(df["p95"], smoothing), mode="lines", line={"width": 0, "color": COLOURS[0]},
                    name="p95", showlegend=False, hovertemplate="step %{x}<br>p95 %{y:.4g}<extra></extra>"),

@@ -104,8 +104,9 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
         phases = {}
         for run in runs:
             ctx.store.require_run(run)
-            phases[run] = summaries.series_phase(ctx.store, run)
-            series, maxvio = run_series(ctx.store, run, layer_id, steps, phases[run], ranks)
+            with ctx.store.reading(run):  # one segment listing and one connection for the run's queries
+                phases[run] = summaries.series_phase(ctx.store, run)
+                series, maxvio = run_series(ctx.store, run, layer_id, steps, phases[run], ranks)
             first_maxvio = maxvio if first_maxvio is None else first_maxvio
             for metric, df in series.items():
                 per_metric[metric][run] = df

@@ -86,6 +86,10 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
     def update(run, layer, step_min, step_max, smoothing, _n, problems):
         if not run:
             return empty("pick a run", problems)
+        with ctx.store.reading(run):  # one segment listing and one connection for the page's queries
+            return draw(run, layer, step_min, step_max, smoothing, problems)
+
+    def draw(run, layer, step_min, step_max, smoothing, problems):
         steps, layer_id, meta, notes = common.resolve(ctx.store, run, layer, step_min, step_max)
         weight, smooth_note = common.smoothing_weight(smoothing)
         if layer_id is None:

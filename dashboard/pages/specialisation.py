@@ -119,6 +119,10 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
     def update(run, checkpoint, layer, step_min, step_max, min_count, problems):
         if not run:
             return empty("pick a run", problems)
+        with ctx.store.reading(run):  # one segment listing and one connection for the page's queries
+            return draw(run, checkpoint, layer, step_min, step_max, min_count, problems)
+
+    def draw(run, checkpoint, layer, step_min, step_max, min_count, problems):
         steps, layer_id, meta, notes = common.resolve(ctx.store, run, layer, step_min, step_max)
         if layer_id is None:
             return empty(figures.NO_DATA, problems)

@@ -87,13 +87,19 @@ def make_layer_tables(run: str, s: StepData, ls: LayerStep, routing_rows: np.nda
 def write_run(store, run: str, steps: list[StepData], layer_sizes: dict[int, tuple[int, int]],
               routing_rows: np.ndarray | None = None, checkpoints: list[tuple[str, int]] = ()) -> None:
     """One frame per step holding every layer; layer_sizes {layer: (E, K)} registers the layers."""
+    for seq, s in enumerate(steps):
+        write_run_step(store, run, s, layer_sizes, seq, routing_rows, checkpoints)
+
+
+def write_run_step(store, run: str, s: StepData, layer_sizes: dict[int, tuple[int, int]], seq: int,
+                   routing_rows: np.ndarray | None = None, checkpoints: list[tuple[str, int]] = ()) -> None:
+    """Frame `seq` of the run's producer: one step, every layer."""
     meta_layers = [{"layer": layer, "module_path": f"layers.{layer}.mlp", "num_experts": e, "top_k": k,
                     "router_kind": "softmax-topk", "capacity_factor": 1.0} for layer, (e, k) in layer_sizes.items()]
-    for seq, s in enumerate(steps):
-        parts = [make_layer_tables(run, s, ls, routing_rows) for ls in s.layers]
-        tables = {name: pa.concat_tables([p[name] for p in parts]) for name in ("routing", "token_stats", "expert_step")}
-        store.write_frame(Frame(run=run, producer=f"{run}-p", seq=seq, tables=tables, frame_id=uuid.uuid4().hex,
-                                meta={"layers": meta_layers, "checkpoints": [{"checkpoint": c, "step": st} for c, st in checkpoints]}))
+    parts = [make_layer_tables(run, s, ls, routing_rows) for ls in s.layers]
+    tables = {name: pa.concat_tables([p[name] for p in parts]) for name in ("routing", "token_stats", "expert_step")}
+    store.write_frame(Frame(run=run, producer=f"{run}-p", seq=seq, tables=tables, frame_id=uuid.uuid4().hex,
+                            meta={"layers": meta_layers, "checkpoints": [{"checkpoint": c, "step": st} for c, st in checkpoints]}))
 
 
 def softmax(x_TE: np.ndarray) -> np.ndarray:

@@ -3,10 +3,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synth_runs import DOMAINS, E, POSITIONS, SEQS
+from synth_runs import DOMAINS, E, POSITIONS, SEQS, synth_steps, write_run_step
 from moescope.analysis import compute_metric  # noqa: E402
 from moescope.analysis.specialisation import repetition_baselines
 
@@ -97,3 +98,24 @@ def test_vocab_specialisation_top_keeps_each_experts_highest_shares(synth):
     assert len(top) == len(want) and (top[want.columns].to_numpy() == want.to_numpy()).all()
     with pytest.raises(ValueError, match="top must be a positive int"):
         compute_metric(store, "vocab_specialisation", "synth", top=0)
+
+
+def test_vocab_specialisation_over_the_whole_run_equals_the_counted_rows_and_follows_new_segments(store):
+    """The whole-run answer (counts kept per segment read) equals the same window counted from the rows."""
+    from synth_runs import write_run
+
+    steps = synth_steps()
+    sizes = {0: (E, 2), 1: (E, 1), 2: (E, 2)}
+    write_run(store, "grow", steps[:2], sizes)
+    every_step = (0, 10**9)  # a step window: counted from the rows, nothing kept
+    for top in (None, 2):
+        kept = compute_metric(store, "vocab_specialisation", "grow", min_count=1, top=top)
+        rows = compute_metric(store, "vocab_specialisation", "grow", steps=every_step, min_count=1, top=top)
+        pd.testing.assert_frame_equal(kept, rows)
+    before = compute_metric(store, "vocab_specialisation", "grow", layers=[2], min_count=1)
+    for seq, s in enumerate(steps[2:], start=2):  # the run grows: two more frames of the same producer
+        write_run_step(store, "grow", s, sizes, seq)
+    after = compute_metric(store, "vocab_specialisation", "grow", layers=[2], min_count=1)
+    pd.testing.assert_frame_equal(after, compute_metric(store, "vocab_specialisation", "grow", layers=[2],
+                                                        steps=every_step, min_count=1))
+    assert after["tokens"].sum() > before["tokens"].sum()

@@ -206,6 +206,38 @@ def test_a_corrupt_segment_is_quarantined_and_the_rest_of_the_run_stays_queryabl
     assert out.exists() and not list(tmp_path.glob("hurt.duckdb.tmp-*"))
 
 
+def test_deleting_a_run_removes_its_quarantined_segments_too(store):
+    for seq in range(3):
+        assert store.write_frame(make_frame("gone", "pg", seq, n=10, final=seq == 2))
+    assert store.write_frame(make_frame("kept", "pk", 0, n=10, final=True))
+    _corrupt_one_segment(store, "gone")
+    check_run(store, "gone")
+    assert len(store.quarantined("gone")) == 1
+    store.delete_run("gone")
+    assert store.quarantined("gone").empty
+    assert not [p for p in (store.root / "quarantine").rglob("*") if p.is_file()]
+    assert store.sql("SELECT count(*) AS n FROM routing", run="kept").n[0] == 10
+
+
+def test_a_segment_whose_footer_read_fails_once_is_read_again_not_quarantined(store, monkeypatch):
+    """A reset connection to object storage during check is not a bad segment."""
+    for seq in range(2):
+        assert store.write_frame(make_frame("flaky", "pf", seq, n=10, final=seq == 1))
+    real, failed = store.files.read_metadata, []
+
+    def once_reset(rel):
+        if not failed:
+            failed.append(rel)
+            raise ConnectionResetError("connection reset by peer")
+        return real(rel)
+
+    monkeypatch.setattr(store.files, "read_metadata", once_reset)
+    text, code = check_run(store, "flaky")
+    assert failed and code == 0, text
+    assert store.quarantined("flaky").empty
+    assert store.sql("SELECT count(*) AS n FROM routing", run="flaky").n[0] == 20
+
+
 def test_check_finds_a_corrupt_segment_before_any_query_does(store):
     for seq in range(2):
         assert store.write_frame(make_frame("quiet", "pq", seq, n=10, final=seq == 1))
