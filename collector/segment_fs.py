@@ -31,6 +31,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from moescope.schema import is_string_dictionary
+
 # Fresh per-frame segments are written fast (ingest is bound by this write); compaction
 # rewrites them at a higher level once they are cold.
 INGEST_PARQUET_KW = {"compression": "zstd", "compression_level": 1}
@@ -97,9 +99,11 @@ class LocalFiles:
             _write_table(table, fh, options)
 
     def write_parquets(self, items: list[tuple[pa.Table, str]]) -> None:
-        """A frame's tables, each as write_parquet."""
-        for table, rel in items:
-            self.write_parquet(table, rel)
+        """A frame's tables, each as write_parquet, but every file written before the first is fsynced:
+        one journal commit then carries all of them instead of one commit per file."""
+        with contextlib.ExitStack() as files:
+            for table, rel in items:
+                _write_table(table, files.enter_context(_atomic_file(self.path(rel))), INGEST_PARQUET_KW)
 
     def write_parquet_parts(self, parts: Iterable[pa.Table], schema: pa.Schema, rel: str, options: dict) -> int:
         with _atomic_file(self.path(rel)) as fh:
@@ -339,8 +343,12 @@ def _atomic_file(path: Path):
 def _write_table(table: pa.Table, sink, options: dict) -> None:
     # Dictionary-encode only the string columns (run, checkpoint, domain, phase): on the
     # numeric columns it halves write speed and saves nothing after zstd.
-    strings = [f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
-    pq.write_table(table, sink, use_dictionary=strings, **options)
+    strings = [f.name for f in table.schema
+               if pa.types.is_string(f.type) or pa.types.is_large_string(f.type) or is_string_dictionary(f.type)]
+    # Columns that arrive as dictionaries are written as they are (no hashing of every row), without the
+    # Arrow schema in the footer, so every reader gets plain strings back as from any other segment.
+    kept = any(is_string_dictionary(f.type) for f in table.schema)
+    pq.write_table(table, sink, use_dictionary=strings, **({"store_schema": False} if kept else {}), **options)
 
 
 def _parquet_bytes(table: pa.Table, options: dict) -> bytes:

@@ -31,7 +31,7 @@ from moescope.collector.alert_records import AlertRecords
 from moescope.collector.segment_fs import COMPACT_PARQUET_KW, StoreError, open_files
 from moescope.frame import Frame
 from moescope.collector.rollups import rollups
-from moescope.schema import LAYER_FIELDS, STORED, SchemaError, check_frame_id, check_run_id
+from moescope.schema import LAYER_FIELDS, STORED, SchemaError, check_frame_id, check_run_id, plain_strings
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ class Store(AlertRecords):
         # Each attempt writes files of its own: a losing concurrent writer of the same
         # frame removes only what it wrote, never the winner's segments.
         attempt = uuid.uuid4().hex[:8]
-        tables = frame.tables if frame.meta.get("rollups") else {**frame.tables, **rollups(frame.tables)}
+        tables = (frame.tables if frame.meta.get("rollups") else
+                  {**frame.tables, **rollups({n: plain_strings(t) for n, t in frame.tables.items()})})
         try:
             for name, table in tables.items():
                 if table.num_rows:  # listed before writing, so a failure half-way removes what got written

@@ -168,7 +168,7 @@ class StreamIngestor:
             self._ack(msg_id, ack_key, header["frame_id"])
             return "duplicate"
         try:
-            frame = decode(data)
+            frame = decode(data, keep_dictionaries=True)  # one-value string columns stored as they came
             check_run_id(frame.run)
         except (FrameError, SchemaError) as exc:
             return self._dead(msg_id, mid, str(exc), header, data, ack_key)

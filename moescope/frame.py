@@ -2,7 +2,8 @@
 
 Wire format: MAGIC, a u32 header length, the header as JSON, then one Arrow IPC stream
 (LZ4-compressed buffers) per table, at the offsets the header lists. String columns that
-hold one value per chunk travel as one-value dictionaries; decode() returns plain strings. A frame carries
+hold one value per chunk travel as one-value dictionaries; decode() returns plain strings (a worker
+may keep the dictionaries: the store writes them as they are). A frame carries
 schema version, run, producer id, a per-producer monotonically increasing sequence
 number and a uuid; (producer, seq) lets the store prove nothing was lost or duplicated.
 """
@@ -124,12 +125,14 @@ def _one_value(arr: pa.StringArray) -> pa.DictionaryArray | None:
 
 
 def decode(data: bytes, *, validate: bool = True, max_rows: int = MAX_TABLE_ROWS,
-           max_decoded_bytes: int = MAX_DECODED_BYTES) -> Frame:
+           max_decoded_bytes: int = MAX_DECODED_BYTES, keep_dictionaries: bool = False) -> Frame:
     """Parse and (by default) validate a frame against schema v1; FrameError on anything wrong.
 
     A frame may declare at most `max_rows` rows per table and decode to at most
     `max_decoded_bytes` of Arrow data, so a small message cannot make a worker allocate
-    without bound.
+    without bound. keep_dictionaries: a string column holding one value stays the one-value
+    dictionary it travelled as (the store writes it as it is, and Parquet stores both
+    alike); by default every string column comes back plain.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise FrameError(f"frame must be bytes, got {type(data).__name__}")
@@ -159,7 +162,7 @@ def decode(data: bytes, *, validate: bool = True, max_rows: int = MAX_TABLE_ROWS
                 batches.append(batch)
             table = pa.Table.from_batches(batches, schema=reader.schema)
             _validate(name, table)
-            table, decoded, one_value = _plain_strings(name, table, decoded, max_decoded_bytes)
+            table, decoded, one_value = _plain_strings(name, table, decoded, max_decoded_bytes, keep_dictionaries)
         except FrameError:
             raise
         except (pa.ArrowException, OSError, ValueError, MemoryError, IndexError) as exc:
@@ -198,10 +201,12 @@ def _validate(name: str, table: pa.Table) -> None:
             column.validate(full=True)
 
 
-def _plain_strings(name: str, table: pa.Table, decoded: int, max_decoded_bytes: int) -> tuple[pa.Table, int, dict]:
+def _plain_strings(name: str, table: pa.Table, decoded: int, max_decoded_bytes: int,
+                   keep_one_value: bool = False) -> tuple[pa.Table, int, dict]:
     """Dictionary-encoded string columns (how encode() ships one-value columns) as plain strings, counting
     what they expand to against the frame's byte bound first: a few bytes of indices must not become gigabytes.
-    Also returns {column: value} for the columns whose every row holds that one value."""
+    keep_one_value: a one-chunk column of one value stays a dictionary. Also returns {column: value} for the
+    columns whose every row holds that one value."""
     one_value: dict[str, str] = {}
     for i, field in enumerate(table.schema):
         if not pa.types.is_dictionary(field.type):
@@ -227,9 +232,12 @@ def _plain_strings(name: str, table: pa.Table, decoded: int, max_decoded_bytes: 
             else:
                 chunks.append(chunk.cast(pa.string()))
             values.add(value)
+        one = len(values) == 1 and None not in values
+        if one:
+            one_value[field.name] = next(iter(values))
+        if keep_one_value and one and table.column(i).num_chunks == 1:
+            continue
         table = table.set_column(i, field.with_type(pa.string()), pa.chunked_array(chunks, pa.string()))
-        if len(values) == 1 and None not in values:
-            one_value[field.name] = values.pop()
     return table, decoded, one_value
 
 

@@ -170,10 +170,26 @@ def conform(name: str, table: pa.Table) -> pa.Table:
     for field in schema:
         if not field.nullable and table.column(field.name).null_count:
             raise SchemaError(f"table {name!r} column {field.name!r} has nulls")
+    # A dictionary of strings (a one-value column as a worker keeps it) stays one: same values, and
+    # Parquet stores both alike; casting it would build the strings row by row.
+    target = pa.schema([f.with_type(table.schema.field(f.name).type) if is_string_dictionary(table.schema.field(f.name).type)
+                        and pa.types.is_string(f.type) else f for f in schema], metadata=schema.metadata)
     try:
-        return table.select(schema.names).cast(schema)
+        return table.select(schema.names).cast(target)
     except (pa.ArrowException, ValueError) as exc:
         raise SchemaError(f"table {name!r} does not match schema v{SCHEMA_VERSION}: {exc}") from None
+
+
+def is_string_dictionary(t: pa.DataType) -> bool:
+    return pa.types.is_dictionary(t) and pa.types.is_string(t.value_type)
+
+
+def plain_strings(table: pa.Table) -> pa.Table:
+    """`table` with every dictionary-of-strings column as plain strings."""
+    for i, f in enumerate(table.schema):
+        if is_string_dictionary(f.type):
+            table = table.set_column(i, f.with_type(pa.string()), table.column(i).cast(pa.string()))
+    return table
 
 
 class SchemaError(ValueError):

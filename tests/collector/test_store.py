@@ -173,3 +173,25 @@ def test_run_config_is_kept_when_the_run_was_created_without_one(tmp_path, datab
             "store: run 'a' keeps its first run_config; producer 'a1' sent a different one"]
     finally:
         store.close()
+
+
+def test_frames_decoded_with_their_one_value_dictionaries_store_the_same_rows_as_plain_ones(store, tmp_path):
+    """What a worker stores (decode keep_dictionaries=True) reads back exactly as the plain decode's rows,
+    as plain strings, and compacts together with them."""
+    import pyarrow.parquet as pq
+
+    plain = Store(tmp_path / "plain")
+    for seq in range(4):
+        data = encode(frame("r", seq))
+        kept = decode(data, keep_dictionaries=True)
+        assert pa.types.is_dictionary(kept.tables["routing"].schema.field("run").type)
+        assert store.write_frame(kept if seq % 2 else decode(data))  # both kinds in one run
+        assert plain.write_frame(decode(data))
+    q = "SELECT * FROM routing ORDER BY ALL"
+    assert store.sql(q, run="r").equals(plain.sql(q, run="r"))
+    for path in store.segment_paths("routing", "r"):
+        assert pq.read_table(path).schema.field("run").type == pa.string()
+    assert store.compact(min_files=2) >= 4
+    assert store.sql(q, run="r").equals(plain.sql(q, run="r"))
+    assert store.metric("load_share", run="r").equals(plain.metric("load_share", run="r"))
+    plain.close()
