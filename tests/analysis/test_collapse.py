@@ -213,3 +213,27 @@ def test_long_run_is_bucketed_and_the_onset_placed_at_full_resolution():
     v = judge(series(util_NE))
     assert v.verdict == "collapsed" and v.onset_index == 703
     assert v.segments[-1].hi == 1200 and [e.expert for e in v.evidence if e.role == "took_over"] == [2]
+
+
+def test_pelt_finds_the_segmentation_ruptures_finds():
+    """The vectorised PELT equals ruptures.Pelt (l2 cost, jump 1) on random signals with shifts and ties."""
+    import math
+
+    import ruptures
+
+    from moescope.analysis.collapse import pelt
+
+    rng = np.random.default_rng(7)
+    for _ in range(120):
+        n, d, m = int(rng.integers(2, 200)), int(rng.integers(1, 12)), int(rng.integers(1, 8))
+        x = rng.normal(size=(n, d))
+        for _ in range(int(rng.integers(0, 4))):
+            x[int(rng.integers(0, n)):] += rng.normal(size=d) * rng.uniform(0, 4)
+        if rng.random() < 0.2:
+            x = np.round(x)  # equal costs: the first minimum must win, as in ruptures
+        pen = (d + 1) * math.log(n) * rng.uniform(0.2, 2)
+        try:
+            want = ruptures.Pelt(model="l2", min_size=m, jump=1).fit(x).predict(pen=pen)
+        except ruptures.exceptions.BadSegmentationParameters:
+            continue
+        assert pelt(x, pen, m) == want, (n, d, m)
