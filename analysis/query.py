@@ -6,6 +6,7 @@ table, or from the data itself when a run never registered them.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -117,7 +118,8 @@ _SEEN_LAYERS = BoundedMemo(max_size=256)
 
 
 def _seen_layers(store, run: str) -> pd.DataFrame:
-    key = (str(getattr(store, "root", id(store))), run, tuple(store.segment_paths("expert_step", run)))
+    paths = "\n".join(store.segment_paths("expert_step", run))
+    key = (str(getattr(store, "root", id(store))), run, hashlib.sha1(paths.encode()).hexdigest())  # small keys at any size
     seen = _SEEN_LAYERS.get(key)
     if seen is None:
         # k from expert_step: Σ_i tokens_i / T, T being num_tokens (repeated on each expert row).

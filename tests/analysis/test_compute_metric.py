@@ -57,3 +57,33 @@ def test_every_metric_runs_through_the_store(synth):
             continue
         df = store.metric(name, run="synth", layers=[0, 2])
         assert not df.empty, name
+
+
+def test_layer_sizes_of_a_run_without_metadata_follow_its_new_segments(store):
+    """Layer sizes read from the data are kept per segment list: a layer first seen in a new frame appears."""
+    import sys
+    import uuid
+    from pathlib import Path
+
+    import numpy as np
+    import pyarrow as pa
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from synth_runs import T, StepData, make_layer_tables, random_layer
+
+    from moescope.analysis.query import layer_meta
+    from moescope.frame import Frame
+
+    rng = np.random.default_rng(0)
+
+    def write(seq: int, layer: int):
+        s = StepData(step=seq, checkpoint="c0", token_ids_T=rng.integers(0, 6, T))
+        tables = make_layer_tables("bare", s, random_layer(layer, rng))
+        store.write_frame(Frame(run="bare", producer="p", seq=seq, tables=dict(tables), frame_id=uuid.uuid4().hex, meta={}))
+
+    write(0, 0)
+    assert layer_meta(store, "bare").layer.tolist() == [0]
+    write(1, 3)
+    meta = layer_meta(store, "bare")
+    assert meta.layer.tolist() == [0, 3] and meta.E.tolist() == [8, 8] and meta.k.tolist() == [2, 2]
+    assert not compute_metric(store, "maxvio", "bare", layers=[3]).empty
