@@ -28,9 +28,8 @@ import numpy as np
 import pandas as pd
 
 from moescope.analysis import cache_kernels
-from moescope.analysis.memo import BoundedMemo
-from moescope.analysis.placement_replay import sql_list
-from moescope.analysis.query import Scope, check_options
+from moescope.analysis.memo import BoundedMemo, segments_key
+from moescope.analysis.query import Scope, check_options, sql_list
 
 # Columns of the replay order after layer and rank, most significant first (checkpoint is coded separately).
 _ORDER = ("step", "checkpoint", "microbatch", "seq", "pos", "slot")
@@ -239,8 +238,8 @@ STREAMS = BoundedMemo(1 << 28)
 
 def _streams(store, scope: Scope, layers: list[int]) -> list[Stream]:
     """Every (layer, rank) stream of the scope, in token order (the same segments and scope: read once)."""
-    key = (str(store.root), scope.run, tuple(store.segment_paths("routing", scope.run)), tuple(layers), scope.steps,
-           scope.checkpoint, scope.phase, scope.ranks)
+    key = (*segments_key(store, "routing", scope.run), tuple(layers), scope.steps, scope.checkpoint, scope.phase,
+           scope.ranks)
     found = STREAMS.get(key)
     if found is None:
         found = [Stream(*parts) for parts in _read_streams(store, scope, layers)]

@@ -7,8 +7,16 @@ and the least recently used go once their sizes (in the caller's units) pass the
 from __future__ import annotations
 
 import collections
+import hashlib
 import threading
 from typing import Any
+
+
+def segments_key(store, table: str, run: str) -> tuple:
+    """What identifies the live segments of (table, run) in a memo key: small at any run size,
+    and new whenever a segment is added, retired or removed."""
+    paths = "\n".join(store.segment_paths(table, run))
+    return str(getattr(store, "root", id(store))), run, table, hashlib.sha1(paths.encode()).hexdigest()
 
 
 class BoundedMemo:

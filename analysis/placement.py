@@ -32,7 +32,7 @@ import pandas as pd
 
 from moescope.analysis import placement_replay as pr
 from moescope.analysis.health import has_rollups
-from moescope.analysis.memo import BoundedMemo
+from moescope.analysis.memo import BoundedMemo, segments_key
 from moescope.analysis.query import Scope, check_options, make_scope
 from moescope.device_map import DeviceMap, recorded
 
@@ -278,7 +278,7 @@ ROLLUP_READS = BoundedMemo(1 << 24)
 
 def _kept(store, run: str, table: str, query: tuple, read):
     """read(), or what it gave for the same query over the same live segments of `table`."""
-    key = (str(store.root), run, table, tuple(store.segment_paths(table, run)), query)
+    key = (*segments_key(store, table, run), query)
     found = ROLLUP_READS.get(key)
     if found is None:
         found = read()

@@ -26,6 +26,7 @@ import threading
 import numpy as np
 
 from moescope.analysis.memo import BoundedMemo
+from moescope.analysis.query import sql_list
 
 # Routing rows are streamed in batches of this many rows, so memory stays flat at any run size.
 BATCH_ROWS = 1 << 21
@@ -436,11 +437,6 @@ def _step_ranges(con, files: list[str]) -> dict[str, tuple[int, int] | None]:
                        FROM parquet_metadata({sql_list(files)}) WHERE path_in_schema = 'step' GROUP BY file_name""").fetchall()
     found = {name: (int(lo), int(hi)) if ok and lo is not None and hi is not None else None for name, lo, hi, ok in rows}
     return {f: found.get(f) for f in files}
-
-
-def sql_list(paths: list[str]) -> str:
-    """A DuckDB list literal of file paths (read_parquet's argument; a view takes no bound parameters)."""
-    return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
 
 
 def coactivation(counts: Counts, space: Space, steps: np.ndarray) -> np.ndarray:

@@ -6,13 +6,12 @@ table, or from the data itself when a run never registered them.
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
 
-from moescope.analysis.memo import BoundedMemo
+from moescope.analysis.memo import BoundedMemo, segments_key
 
 BY_VALUES = ("step", "window")
 
@@ -118,8 +117,7 @@ _SEEN_LAYERS = BoundedMemo(max_size=256)
 
 
 def _seen_layers(store, run: str) -> pd.DataFrame:
-    paths = "\n".join(store.segment_paths("expert_step", run))
-    key = (str(getattr(store, "root", id(store))), run, hashlib.sha1(paths.encode()).hexdigest())  # small keys at any size
+    key = segments_key(store, "expert_step", run)
     seen = _SEEN_LAYERS.get(key)
     if seen is None:
         # k from expert_step: Σ_i tokens_i / T, T being num_tokens (repeated on each expert row).
@@ -128,6 +126,11 @@ def _seen_layers(store, run: str) -> pd.DataFrame:
                          " GROUP BY layer, expert) GROUP BY layer", run=run)
         _SEEN_LAYERS.put(key, seen, 1)
     return seen
+
+
+def sql_list(paths: list[str]) -> str:
+    """A DuckDB list literal of file paths (read_parquet's argument; a view takes no bound parameters)."""
+    return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
 
 
 def run_ranks(store, run: str) -> list[int]:

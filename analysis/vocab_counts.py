@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from moescope.analysis.memo import BoundedMemo
+from moescope.analysis.query import sql_list
 
 # (store, run, row filter) -> (segments counted, counts); bounded in counted (layer, id, expert) rows.
 KEPT = BoundedMemo(1 << 24)
@@ -42,11 +43,10 @@ def whole_run_counts(store, run: str, where: str, params: list) -> pd.DataFrame 
 
 
 def _count(store, run: str, files: list[str], where: str, params: list) -> pd.DataFrame:
-    listed = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
     return store.sql(f"""
         SELECT layer, token_id AS x, expert, count(*) AS routed,
                count(*) FILTER (WHERE slot = 0) AS top1
-        FROM read_parquet({listed}, union_by_name=true) WHERE {where} AND token_id >= 0 GROUP BY ALL""",
+        FROM read_parquet({sql_list(files)}, union_by_name=true) WHERE {where} AND token_id >= 0 GROUP BY ALL""",
                      params, run=run)
 
 

@@ -226,7 +226,7 @@ def _plain_strings(name: str, table: pa.Table, decoded: int, max_decoded_bytes: 
             if decoded > max_decoded_bytes:
                 raise FrameError(f"table {name!r} decodes to more than {max_decoded_bytes} bytes")
             if value is not None:
-                chunks.append(_repeated(value.encode(), len(chunk)))
+                chunks.append(_repeated(value, len(chunk)))
             elif chunk.null_count == len(chunk):  # no value at all (probe_set outside probe sets)
                 chunks.append(pa.nulls(len(chunk), pa.string()))
             else:
@@ -241,12 +241,21 @@ def _plain_strings(name: str, table: pa.Table, decoded: int, max_decoded_bytes: 
     return table, decoded, one_value
 
 
-def _repeated(value: bytes, n: int) -> pa.StringArray:
-    # Built from its buffers: a lookup of n indices into a one-value dictionary costs several times more.
-    if len(value) * n >= 2**31:
-        raise FrameError(f"a string column of {n} rows of {len(value)} bytes is more than one Arrow array holds")
-    offsets = np.arange(0, (n + 1) * len(value), len(value), np.int32) if value else np.zeros(n + 1, np.int32)
-    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(value * n))
+def _repeated(value: str, n: int) -> pa.StringArray:
+    column = repeated_strings(value, n)
+    if column is None:
+        raise FrameError(f"a string column of {n} rows of {len(value.encode())} bytes is more than one Arrow array holds")
+    return column
+
+
+def repeated_strings(value: str, n: int) -> pa.StringArray | None:
+    """`value` on each of n rows, built from its buffers (a lookup of n indices into a one-value
+    dictionary, or a dictionary cast, costs 10–40x more); None past 32-bit string offsets."""
+    data = value.encode()
+    if len(data) * n >= 2**31:
+        return None
+    offsets = np.arange(n + 1, dtype=np.int32) * np.int32(len(data))
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data * n))
 
 
 def read_header(data: bytes) -> tuple[dict, int]:
