@@ -29,7 +29,8 @@ import pandas as pd
 
 from moescope.analysis import cache_kernels
 from moescope.analysis.memo import BoundedMemo, segments_key
-from moescope.analysis.query import Scope, check_options, sql_list
+from moescope.analysis.query import Scope, check_options
+from moescope.collector.store import sql_list
 
 # Columns of the replay order after layer and rank, most significant first (checkpoint is coded separately).
 _ORDER = ("step", "checkpoint", "microbatch", "seq", "pos", "slot")

@@ -26,7 +26,7 @@ import threading
 import numpy as np
 
 from moescope.analysis.memo import BoundedMemo
-from moescope.analysis.query import sql_list
+from moescope.collector.store import sql_list
 
 # Routing rows are streamed in batches of this many rows, so memory stays flat at any run size.
 BATCH_ROWS = 1 << 21

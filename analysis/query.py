@@ -128,11 +128,6 @@ def _seen_layers(store, run: str) -> pd.DataFrame:
     return seen
 
 
-def sql_list(paths: list[str]) -> str:
-    """A DuckDB list literal of file paths (read_parquet's argument; a view takes no bound parameters)."""
-    return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
-
-
 def run_ranks(store, run: str) -> list[int]:
     """The ranks that recorded expert load in the run, ascending."""
     return [int(r) for r in store.sql("SELECT DISTINCT rank FROM expert_step ORDER BY 1", run=run)["rank"]]

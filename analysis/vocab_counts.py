@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from moescope.analysis.memo import BoundedMemo
-from moescope.analysis.query import sql_list
+from moescope.collector.store import sql_list
 
 # (store, run, row filter) -> (segments counted, counts); bounded in counted (layer, id, expert) rows.
 KEPT = BoundedMemo(1 << 24)

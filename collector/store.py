@@ -685,7 +685,7 @@ class Store(AlertRecords):
             for name, schema in STORED.items():
                 paths = live.get(name)
                 if paths:
-                    con.execute(f"CREATE TABLE {name} AS SELECT * FROM read_parquet({_sql_list(paths)}, union_by_name=true)")
+                    con.execute(f"CREATE TABLE {name} AS SELECT * FROM read_parquet({sql_list(paths)}, union_by_name=true)")
                 else:
                     con.register("_empty", schema.empty_table())
                     con.execute(f"CREATE TABLE {name} AS SELECT * FROM _empty")
@@ -774,7 +774,7 @@ def _create_views(con, live: dict[str, list[str]], names: Iterable[str], fill_mi
         schema = STORED[name]
         paths = live.get(name)
         if paths:
-            src = f"read_parquet({_sql_list(paths)}, union_by_name=true)"
+            src = f"read_parquet({sql_list(paths)}, union_by_name=true)"
             nulls = _null_columns(con, src, schema) if fill_missing else ""
             con.execute(f"CREATE TEMP VIEW {name} AS SELECT *{nulls} FROM {src}")
         else:
@@ -801,8 +801,9 @@ def _gaps(accounted: set[int], sent: int, keep: int) -> tuple[int, list[int]]:
     return sent - len(seen), first
 
 
-def _sql_list(paths: Iterable[str]) -> str:
-    # Views cannot take bound parameters, so the file list is inlined as quoted literals.
+def sql_list(paths: Iterable[str]) -> str:
+    """A DuckDB list literal of file paths: read_parquet's argument, inlined as quoted literals
+    because views cannot take bound parameters."""
     return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
 
 
