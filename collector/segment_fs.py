@@ -31,6 +31,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from moescope.collector.row_groups import by_layer
 from moescope.schema import is_string_dictionary
 
 # Fresh per-frame segments are written fast (ingest is bound by this write); compaction
@@ -348,7 +349,10 @@ def _write_table(table: pa.Table, sink, options: dict) -> None:
     # Columns that arrive as dictionaries are written as they are (no hashing of every row), without the
     # Arrow schema in the footer, so every reader gets plain strings back as from any other segment.
     kept = any(is_string_dictionary(f.type) for f in table.schema)
-    pq.write_table(table, sink, use_dictionary=strings, **({"store_schema": False} if kept else {}), **options)
+    groups = by_layer(table)
+    with pq.ParquetWriter(sink, table.schema, use_dictionary=strings, store_schema=not kept, **options) as writer:
+        for group in groups:
+            writer.write_table(group)
 
 
 def _parquet_bytes(table: pa.Table, options: dict) -> bytes:
@@ -358,7 +362,8 @@ def _parquet_bytes(table: pa.Table, options: dict) -> bytes:
 
 
 def _write_parts(parts: Iterable[pa.Table], schema: pa.Schema, sink, options: dict) -> int:
-    """Stream tables into one Parquet file (row groups of about ROW_GROUP_ROWS); returns rows written."""
+    """Stream tables into one Parquet file; returns rows written. Tables are gathered to about ROW_GROUP_ROWS
+    rows, then written as row groups by layer (row_groups.by_layer): one input in memory at a time, or a few small ones."""
     strings = [f.name for f in schema if pa.types.is_string(f.type)]
     rows = 0
     with pq.ParquetWriter(sink, schema, use_dictionary=strings, **options) as writer:
@@ -367,8 +372,10 @@ def _write_parts(parts: Iterable[pa.Table], schema: pa.Schema, sink, options: di
             pending.append(part)
             rows += part.num_rows
             if sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
-                writer.write_table(pa.concat_tables(pending))
+                for group in by_layer(pa.concat_tables(pending)):
+                    writer.write_table(group)
                 pending = []
         if pending:
-            writer.write_table(pa.concat_tables(pending))
+            for group in by_layer(pa.concat_tables(pending)):
+                writer.write_table(group)
     return rows
