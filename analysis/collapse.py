@@ -48,6 +48,7 @@ fit, so a slow drift gets the step where it began, not the step a threshold was 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -55,6 +56,7 @@ import numpy as np
 import pandas as pd
 
 from moescope.analysis import balance, health
+from moescope.analysis.memo import BoundedMemo, segments_key
 from moescope.analysis.query import Scope, check_options
 
 VERDICTS = ("healthy", "imbalanced", "collapsing", "collapsed")
@@ -370,6 +372,21 @@ def resolve_phase(store, scope: Scope) -> Scope:
     return Scope(**{**scope.__dict__, "phase": "train"}) if "train" in phases else scope
 
 
+# Judged layers per (live expert_step and token_step segments, scope, settings): a page asks for the verdicts and
+# their evidence in one refresh, and each fit reads every step of the run. Bounded in bytes of the series.
+JUDGED = BoundedMemo(1 << 27)
+
+
+def _judged(store, scope: Scope, meta: pd.DataFrame, settings: Settings) -> list[tuple[LayerSeries, LayerVerdict]]:
+    key = (*segments_key(store, "expert_step", scope.run), *segments_key(store, "token_step", scope.run),
+           dataclasses.replace(scope, by="step"), settings)
+    found = JUDGED.get(key)
+    if found is None:
+        found = [(s, judge(s, settings)) for s in layer_series(store, scope, meta)]
+        JUDGED.put(key, found, sum(s.load_NE.nbytes + 3 * s.steps_N.nbytes for s, _ in found))
+    return found
+
+
 def layer_series(store, scope: Scope, meta: pd.DataFrame) -> list[LayerSeries]:
     """Per-layer step series from the load_share, entropy and margin metrics (no SQL of its own)."""
     step_scope = Scope(**{**resolve_phase(store, scope).__dict__, "by": "step"})
@@ -509,7 +526,7 @@ def collapse(store, scope: Scope, meta: pd.DataFrame, detail: str = "layers", st
     if detail not in DETAILS:
         raise ValueError(f"detail must be one of {list(DETAILS)}, got {detail!r}")
     settings = Settings(starved=starved, dominant=dominant, penalty=penalty, min_segment=min_segment, window=window)
-    results = [(s, judge(s, settings)) for s in layer_series(store, scope, meta)]
+    results = _judged(store, scope, meta, settings)
     if scope.by == "step":
         frames = [_step_rows(s, v) for s, v in results]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=STEP_COLUMNS)

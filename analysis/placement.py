@@ -349,15 +349,22 @@ class TokenRows:
         per-step view of one what-if) is not priced again.
         """
         if self.counts is None:
-            return self._stream(steps, tables)
-        base = (self.counts.source, _digest(steps), self.layout.gpus_per_node, self.k)
-        known = {p: PRICED.get((*base, _digest(t))) for p, t in tables.items()} if self.counts.source else {}
-        seen = PRICED.get((*base, "seen")) if self.counts.source else None
+            # Streamed: kept per live routing segments and scope, so a refresh of the page does not read the rows again.
+            source = (*segments_key(self.store, "routing", self.scope.run), self.scope.checkpoint, self.scope.phase,
+                      self.scope.ranks, tuple(int(x) for x in self.layers), self.layout.ep_size, self.e_max)
+        else:
+            source = self.counts.source
+        base = (source, _digest(steps), self.layout.gpus_per_node, self.k)
+        known = {p: PRICED.get((*base, _digest(t))) for p, t in tables.items()} if source else {}
+        seen = PRICED.get((*base, "seen")) if source else None
         todo = {p: t for p, t in tables.items() if known.get(p) is None}
-        r = pr.SignatureReplay(self._grid(steps), todo, self.k)
-        if todo or seen is None:
-            r.add(self.counts)
-        if self.counts.source:
+        if self.counts is None:
+            r = self._stream(steps, todo) if todo or seen is None else pr.SignatureReplay(self._grid(steps), {}, self.k)
+        else:
+            r = pr.SignatureReplay(self._grid(steps), todo, self.k)
+            if todo or seen is None:
+                r.add(self.counts)
+        if source:
             PRICED.put((*base, "seen"), r.seen if seen is None else seen, len(r.seen))
             for p, t in todo.items():
                 PRICED.put((*base, _digest(t)), r.traffic[p], 3 * r.grid.size)

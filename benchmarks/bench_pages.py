@@ -1,9 +1,9 @@
 """Dashboard page callbacks end to end: each page's main callback answered by the Dash server.
 
-    python benchmarks/bench_pages.py --rows 10000000 [--store DIR] [--repeat 3]
+    python benchmarks/bench_pages.py --rows 10000000 [--store DIR] [--repeat 3] [--layers 4 --experts 8 --top-k 2]
 
-Fills a store as bench_query.py does (E=8 top-2, 4 layers, 4096 tokens per layer per
-step), then POSTs each page's data callback to /_dash-update-component through the Flask
+Fills a store as bench_query.py does (default E=8 top-2, 4 layers; 4096 tokens per layer
+per step), then POSTs each page's data callback to /_dash-update-component through the Flask
 test client — every query the page runs plus the JSON of its figures — and reports the
 best of --repeat next to one plain DuckDB GROUP BY over the same routing files.
 Budget (issue 10): each page's callbacks ≤ 1 s on 100M routing rows, 2 cores.
@@ -17,7 +17,8 @@ import time
 
 import duckdb
 
-from bench_query import RUN, best, populate  # same folder: run as a script from anywhere
+import bench_query
+from bench_query import RUN, add_shape_args, best, populate  # same folder: run as a script from anywhere
 from moescope.analysis.store import AnalysisStore as Store
 from moescope.dashboard.dash_app import create_dash
 from moescope.settings import Settings
@@ -58,12 +59,15 @@ def main() -> None:
     ap.add_argument("--store", default=None, help="store directory (default: a temporary one)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--only", default="", help="only the page callbacks whose label contains this text")
+    add_shape_args(ap)
     args = ap.parse_args()
+    bench_query.set_shape(args.layers, args.experts, args.top_k)
     store = Store(args.store or tempfile.mkdtemp(prefix="moescope-bench-pages-"))
     if RUN not in set(store.runs().run):
         t0 = time.perf_counter()
         n_steps = populate(store, args.rows)
-        print(f"wrote {args.rows:,} routing rows ({n_steps} steps) in {time.perf_counter() - t0:.1f}s")
+        print(f"wrote {args.rows:,} routing rows ({n_steps} steps, {args.layers} layers, E={args.experts}, "
+              f"k={args.top_k}) in {time.perf_counter() - t0:.1f}s")
     app = create_dash(store, settings=Settings(api_token=None))
     client = app.server.test_client()
     client.get("/")  # Dash sets up the page routes on the first request

@@ -34,8 +34,10 @@ def frame_tables(rng: np.random.Generator, steps: range) -> dict[str, pa.Table]:
     layer_T = np.tile(np.repeat(np.arange(LAYERS, dtype=np.int16), TOKENS), len(steps))
     pos_T = np.tile(np.arange(TOKENS, dtype=np.int32) % 512, len(steps) * LAYERS)
     seq_T = np.tile(np.arange(TOKENS, dtype=np.int32) // 512, len(steps) * LAYERS)
-    e1 = rng.integers(0, E, n_tok)
-    e2 = (e1 + rng.integers(1, E, n_tok)) % E
+    # K distinct experts per token: the first uniform, each next a random stride past the previous (strides sum < E).
+    first = rng.integers(0, E, n_tok)
+    strides = rng.integers(1, (E - 1) // max(1, K - 1) + 1, (n_tok, K - 1))
+    experts = (first[:, None] + np.concatenate([np.zeros((n_tok, 1), np.int64), np.cumsum(strides, 1)], 1)) % E
     domain = np.where(seq_T % 2 == 0, "code", "text")
     ctx = {"run": pa.array([RUN] * n_tok), "checkpoint": pa.array(["c0"] * n_tok), "step": step_T,
            "rank": np.zeros(n_tok, np.int32), "microbatch": np.zeros(n_tok, np.int32), "seq": seq_T, "pos": pos_T,
@@ -43,7 +45,7 @@ def frame_tables(rng: np.random.Generator, steps: range) -> dict[str, pa.Table]:
     rep = lambda a: np.repeat(a, K)  # noqa: E731 - one routing row per (token, slot)
     routing = pa.table({**{c: (rep(np.asarray(v)) if not isinstance(v, pa.Array) else pa.array([v[0].as_py()] * (n_tok * K)))
                            for c, v in ctx.items()},
-                        "slot": np.tile(np.arange(K, dtype=np.int8), n_tok), "expert": np.stack([e1, e2], 1).ravel().astype(np.int16),
+                        "slot": np.tile(np.arange(K, dtype=np.int8), n_tok), "expert": experts.ravel().astype(np.int16),
                         "weight": rng.random(n_tok * K, dtype=np.float32), "dropped": rng.random(n_tok * K) < 0.02,
                         "domain": rep(domain), "phase": pa.array(["train"] * (n_tok * K)),
                         "probe_set": pa.nulls(n_tok * K, pa.string())}, schema=ROUTING)
@@ -66,9 +68,24 @@ def frame_tables(rng: np.random.Generator, steps: range) -> dict[str, pa.Table]:
     return {"routing": routing, "token_stats": stats, "expert_step": es}
 
 
-def populate(store: Store, rows: int, steps_per_frame: int = 32) -> int:
+def set_shape(layers: int, experts: int, top_k: int) -> None:
+    """The model the stores are filled for (default 4 layers, E=8, top-2)."""
+    global LAYERS, E, K
+    if not (layers >= 1 and top_k >= 1 and experts >= top_k):
+        raise SystemExit(f"need layers >= 1 and experts >= top-k >= 1, got {layers}, {experts}, {top_k}")
+    LAYERS, E, K = layers, experts, top_k
+
+
+def add_shape_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--layers", type=int, default=LAYERS, help=f"MoE layers (default {LAYERS})")
+    ap.add_argument("--experts", type=int, default=E, help=f"experts per layer (default {E})")
+    ap.add_argument("--top-k", type=int, default=K, help=f"experts per token (default {K})")
+
+
+def populate(store: Store, rows: int, steps_per_frame: int | None = None) -> int:
     rng = np.random.default_rng(0)
     n_steps = max(1, rows // (LAYERS * TOKENS * K))
+    steps_per_frame = steps_per_frame or max(1, 32 * 4 * 2 // (LAYERS * K))  # ~1M routing rows per frame
     meta = {"layers": [{"layer": i, "module_path": f"layers.{i}.mlp", "num_experts": E, "top_k": K,
                         "router_kind": "softmax-topk", "capacity_factor": 1.25} for i in range(LAYERS)]}
     for seq, lo in enumerate(range(0, n_steps, steps_per_frame)):
@@ -91,7 +108,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=10_000_000, help="routing rows to generate (default 10M)")
     ap.add_argument("--store", default=None, help="store directory (default: a temporary one)")
     ap.add_argument("--repeat", type=int, default=3)
+    add_shape_args(ap)
     args = ap.parse_args()
+    set_shape(args.layers, args.experts, args.top_k)
     root = args.store or tempfile.mkdtemp(prefix="moescope-bench-")
     store = Store(root)
     t0 = time.perf_counter()
