@@ -5,7 +5,8 @@ becomes its own segment files, each appearing whole or not at all, in a director
 object storage: see collector/segment_fs.py; recorded in one metadata
 transaction together with the ledger row) and any number may read (each query opens a
 private in-memory DuckDB over the live segment list), so nobody ever holds a DuckDB
-file lock.
+file lock. A file's rows are in row groups by layer (collector/row_groups.py), so a
+one-layer query skips the other layers' row groups.
 """
 from __future__ import annotations
 
