@@ -135,19 +135,32 @@ class LayerVerdict:
     after: Segment | None = None
 
 
-def _noise(x_N: np.ndarray) -> float:
-    d = np.diff(x_N)
-    d = d[np.isfinite(d) & (d != 0)]  # a dead expert staying dead carries no noise information
-    if d.size < 2:
-        return 0.0
-    return float(_MAD_TO_SD * np.median(np.abs(d - np.median(d))) / math.sqrt(2))
+def _noise(x_NC: np.ndarray) -> np.ndarray:
+    """Each column's noise level: the MAD of its step-to-step changes, as a standard deviation."""
+    d = np.diff(x_NC, axis=0)
+    if d.shape[0] < 2:
+        return np.zeros(d.shape[1])
+    ok = np.isfinite(d) & (d != 0)  # a dead expert staying dead carries no noise information
+    count = ok.sum(axis=0)
+    med = _column_medians(d, ok, count)
+    mad = _column_medians(np.abs(d - med), ok, count)
+    return np.where(count >= 2, _MAD_TO_SD * mad / math.sqrt(2), 0.0)
+
+
+def _column_medians(x: np.ndarray, ok: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """np.median of each column's `ok` values, every column in one sort (NaN where a column has none)."""
+    s = np.sort(np.where(ok, x, np.inf), axis=0)
+    lo = np.take_along_axis(s, (np.maximum(count, 1) - 1)[None] // 2, 0)[0]
+    hi = np.take_along_axis(s, np.minimum(count // 2, len(s) - 1)[None], 0)[0]
+    with np.errstate(invalid="ignore"):
+        return np.where(count > 0, (lo + hi) / 2, np.nan)
 
 
 def _scaled(cols: list[np.ndarray]) -> np.ndarray | None:
     """Columns divided by one pooled noise level (the median of theirs), or None if the group is flat."""
     if not cols:
         return None
-    sigma = float(np.median([_noise(c) for c in cols]))
+    sigma = float(np.median(_noise(np.stack(cols, 1))))
     if sigma <= 0:
         spread = max(float(np.nanstd(c)) for c in cols)
         if spread <= 0:

@@ -237,3 +237,20 @@ def test_pelt_finds_the_segmentation_ruptures_finds():
         except ruptures.exceptions.BadSegmentationParameters:
             continue
         assert pelt(x, pen, m) == want, (n, d, m)
+
+
+def test_noise_levels_of_all_columns_at_once_equal_each_columns_median_absolute_deviation():
+    from moescope.analysis.collapse import _MAD_TO_SD, _noise
+
+    def one(x):  # the definition, one column at a time
+        d = np.diff(x)
+        d = d[np.isfinite(d) & (d != 0)]
+        return 0.0 if d.size < 2 else _MAD_TO_SD * np.median(np.abs(d - np.median(d))) / np.sqrt(2)
+
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        n, c = int(rng.integers(1, 30)), int(rng.integers(1, 8))
+        x = rng.normal(size=(n, c)).round(int(rng.integers(0, 3)))  # rounding makes ties and zero changes
+        x[rng.random((n, c)) < 0.2] = np.nan
+        x[:, rng.random(c) < 0.2] = 0.0  # dead experts
+        assert np.array_equal(_noise(x), [one(x[:, j]) for j in range(c)])
