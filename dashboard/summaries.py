@@ -44,25 +44,12 @@ def status(last_write: float | None, closed: bool, now: float) -> str:
     return "closed" if closed else "idle"
 
 
-_COLLAPSE_CACHE: dict[tuple, pd.DataFrame] = {}
-_COLLAPSE_CACHE_SIZE = 64
-
-
 def collapse_table(store: Store, run: str, detail: str = "layers", ranks: list[int] | None = None) -> pd.DataFrame | None:
-    """compute_metric("collapse", run, detail=detail), kept until the run writes again: the change-point fit
-    reads every step of the run (seconds at 10M routing rows), and pages ask for it on every refresh.
-    None where the collapse metric is not available."""
+    """compute_metric("collapse", run, detail=detail), or None where the collapse metric is not available.
+    The fit is kept by the analysis library until the run writes again (analysis/collapse.py)."""
     if "collapse" not in METRICS:
         return None
-    runs = store.runs().set_index("run")
-    version = (int(runs.at[run, "frames"]), int(runs.at[run, "routing_rows"])) if run in runs.index else None
-    ranks = None if ranks is None else tuple(ranks)
-    key = (str(store.root), run, detail, version, ranks)
-    if key not in _COLLAPSE_CACHE:
-        if len(_COLLAPSE_CACHE) >= _COLLAPSE_CACHE_SIZE:
-            _COLLAPSE_CACHE.pop(next(iter(_COLLAPSE_CACHE)))
-        _COLLAPSE_CACHE[key] = compute_metric(store, "collapse", run=run, detail=detail, ranks=ranks)
-    return _COLLAPSE_CACHE[key]
+    return compute_metric(store, "collapse", run=run, detail=detail, ranks=ranks)
 
 
 def collapse_verdict(store: Store, run: str, ranks: list[int] | None = None) -> str | None:
