@@ -367,15 +367,19 @@ def _write_parts(parts: Iterable[pa.Table], schema: pa.Schema, sink, options: di
     strings = [f.name for f in schema if pa.types.is_string(f.type)]
     rows = 0
     with pq.ParquetWriter(sink, schema, use_dictionary=strings, **options) as writer:
+        def flush(pending: list[pa.Table]) -> None:
+            for group in by_layer(pa.concat_tables(pending)):
+                writer.write_table(group)
+
         pending: list[pa.Table] = []
+        held = 0
         for part in parts:
             pending.append(part)
             rows += part.num_rows
-            if sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
-                for group in by_layer(pa.concat_tables(pending)):
-                    writer.write_table(group)
-                pending = []
+            held += part.num_rows
+            if held >= ROW_GROUP_ROWS:
+                flush(pending)
+                pending, held = [], 0
         if pending:
-            for group in by_layer(pa.concat_tables(pending)):
-                writer.write_table(group)
+            flush(pending)
     return rows
