@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-SOURCE = r"""
+_COMMON = r"""
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -58,21 +58,26 @@ static void sift_up(int64_t *pri, int64_t *last, int32_t *id_at, int32_t *pos_of
     }
 }
 
-/* LFU over slots: small caches find the victim by a linear scan (no work on a hit), large ones keep a min-heap. */
-static void replay(const int32_t *x, int64_t n, int32_t size, uint8_t *hits,
+"""
+
+# Written once per id type (ID_T, _ID): int16 ids are read as they are stored, int32 beyond.
+_TYPED = r"""/* LFU over slots: small caches find the victim by a linear scan (no work on a hit), large ones keep a min-heap. */
+/* Hits go to hits[i] per access, or else to step_hits[s] per step (step_n[s] accesses each, in order). */
+static void replay_ID(const ID_T *x, int64_t n, int32_t size, uint8_t *hits, const int64_t *step_n, int64_t *step_hits,
                    int32_t *pos_of, int32_t *id_at, int64_t *pri, int64_t *last) {
-    int64_t big = n + 1;
+    int64_t big = n + 1, s = -1, left = 0;
     int32_t filled = 0, heap = size > 8;
     for (int64_t i = 0; i < n; i++) {
         int32_t e = x[i], h = pos_of[e];
+        if (!hits) { while (left == 0) left = step_n[++s]; left--; }
         if (h >= 0) {
-            hits[i] = 1;
+            if (hits) hits[i] = 1; else step_hits[s]++;
             pri[h] += big + i - last[h];
             last[h] = i;
             if (heap) sift_down(pri, last, id_at, pos_of, filled, h);
             continue;
         }
-        hits[i] = 0;
+        if (hits) hits[i] = 0;
         int32_t fresh = filled < size;
         if (fresh) {
             h = filled++;
@@ -87,7 +92,65 @@ static void replay(const int32_t *x, int64_t n, int32_t size, uint8_t *hits,
     }
 }
 
-/* dist[i]: distinct other ids accessed since id x[i] was last accessed (its LRU stack distance), -1 the first
+static int lfu_ID(const ID_T *x, int64_t n, int32_t num_ids, int32_t size, uint8_t *hits, const int64_t *step_n,
+               int64_t *step_hits) {
+    int32_t *pos_of = malloc(sizeof(int32_t) * (size_t)num_ids);
+    int32_t *id_at = malloc(sizeof(int32_t) * (size_t)size);
+    int64_t *pri = malloc(sizeof(int64_t) * (size_t)size);
+    int64_t *last = malloc(sizeof(int64_t) * (size_t)size);
+    if (!pos_of || !id_at || !pri || !last) { free(pos_of); free(id_at); free(pri); free(last); return -1; }
+    for (int32_t e = 0; e < num_ids; e++) pos_of[e] = -1;
+    replay_ID(x, n, size, hits, step_n, step_hits, pos_of, id_at, pri, last);
+    free(pos_of); free(id_at); free(pri); free(last);
+    return 0;
+}
+
+/* step_hits[s] += the hits of step s's accesses (step_n[s] of them, in order; they sum to n). */
+int lfu_step_hits_ID(const ID_T *x, int64_t n, int32_t num_ids, int32_t size, const int64_t *step_n,
+                  int64_t *step_hits) {
+    return lfu_ID(x, n, num_ids, size, 0, step_n, step_hits);
+}
+
+/* hist[s * (num_ids + 1) + d] += step s's accesses at LRU stack distance d; column num_ids: first accesses. Up to
+   16 ids, an id's distance is how many ids were used after its last use (branch-free; at 32 and more the list walk
+   below is faster); beyond, the move-to-front list. Returns 0, or -1 without memory. */
+int lru_step_hist_ID(const ID_T *x, int64_t n, int32_t num_ids, const int64_t *step_n, int64_t n_steps,
+                  int64_t *hist) {
+    int64_t width = (int64_t)num_ids + 1, i = 0;
+    if (num_ids <= 16) {
+        int64_t used[16];
+        for (int32_t e = 0; e < num_ids; e++) used[e] = -1;
+        for (int64_t s = 0; s < n_steps; s++) {
+            int64_t *row = hist + s * width;
+            for (int64_t j = 0; j < step_n[s]; j++, i++) {
+                int32_t e = x[i], d = 0;
+                int64_t t = used[e];
+                for (int32_t f = 0; f < num_ids; f++) d += used[f] > t;
+                row[t < 0 ? num_ids : d]++;
+                used[e] = i;
+            }
+        }
+        return 0;
+    }
+    int32_t *stack = malloc(sizeof(int32_t) * (size_t)num_ids);
+    if (!stack) return -1;
+    int32_t depth = 0;
+    for (int64_t s = 0; s < n_steps; s++) {
+        int64_t *row = hist + s * width;
+        for (int64_t j = 0; j < step_n[s]; j++, i++) {
+            int32_t e = x[i], d = 0;
+            while (d < depth && stack[d] != e) d++;
+            if (d == depth) { row[num_ids]++; depth++; } else row[d]++;
+            for (int32_t k = d; k > 0; k--) stack[k] = stack[k - 1];
+            stack[0] = e;
+        }
+    }
+    free(stack);
+    return 0;
+}
+"""
+
+_INT32_ONLY = r"""/* dist[i]: distinct other ids accessed since id x[i] was last accessed (its LRU stack distance), -1 the first
    time: a move-to-front list walked from the front. Returns 0, or -1 without memory. */
 int lru_distances(const int32_t *x, int64_t n, int32_t num_ids, int32_t *dist) {
     int32_t *stack = malloc(sizeof(int32_t) * (size_t)num_ids);
@@ -106,17 +169,13 @@ int lru_distances(const int32_t *x, int64_t n, int32_t num_ids, int32_t *dist) {
 
 /* hits[i] = 1 when access i (an id in 0..num_ids-1) hits an LFU cache of `size`; returns 0, or -1 without memory. */
 int lfu_replay(const int32_t *x, int64_t n, int32_t num_ids, int32_t size, uint8_t *hits) {
-    int32_t *pos_of = malloc(sizeof(int32_t) * (size_t)num_ids);
-    int32_t *id_at = malloc(sizeof(int32_t) * (size_t)size);
-    int64_t *pri = malloc(sizeof(int64_t) * (size_t)size);
-    int64_t *last = malloc(sizeof(int64_t) * (size_t)size);
-    if (!pos_of || !id_at || !pri || !last) { free(pos_of); free(id_at); free(pri); free(last); return -1; }
-    for (int32_t e = 0; e < num_ids; e++) pos_of[e] = -1;
-    replay(x, n, size, hits, pos_of, id_at, pri, last);
-    free(pos_of); free(id_at); free(pri); free(last);
-    return 0;
+    return lfu_i32(x, n, num_ids, size, hits, 0, 0);
 }
+
 """
+
+SOURCE = (_COMMON + "".join(_TYPED.replace("ID_T", t).replace("_ID", f"_{n}") for t, n in (("int16_t", "i16"), ("int32_t", "i32")))
+          + _INT32_ONLY)
 
 _LOCK = threading.Lock()
 _KERNEL: list = []  # [function or None] once tried
@@ -132,6 +191,44 @@ def lru_distances(x: np.ndarray, num_ids: int) -> np.ndarray | None:
     if len(x) and lib.lru_distances(x.ctypes.data, len(x), int(num_ids), dist.ctypes.data) != 0:
         return None
     return dist
+
+
+def lru_step_hist(x: np.ndarray, num_ids: int, step_n: np.ndarray) -> np.ndarray | None:
+    """Per step (step_n[s] consecutive accesses each), the accesses at each LRU stack distance 0..num_ids-1, then
+    the first accesses (column num_ids); None without the kernel."""
+    lib = kernel()
+    if lib is None:
+        return None
+    x, step_n, width = _accesses(x, step_n)
+    hist = np.zeros((len(step_n), int(num_ids) + 1), dtype=np.int64)
+    if len(x) and getattr(lib, f"lru_step_hist_{width}")(x.ctypes.data, len(x), int(num_ids), step_n.ctypes.data, len(step_n),
+                                    hist.ctypes.data) != 0:
+        return None
+    return hist
+
+
+def lfu_step_hits(x: np.ndarray, num_ids: int, size: int, step_n: np.ndarray) -> np.ndarray:
+    """Hits per step (step_n[s] consecutive accesses each) of an LFU cache of `size` over ids x."""
+    x, step_n, width = _accesses(x, step_n)
+    lib = kernel()
+    if lib is not None and len(x):
+        hits = np.zeros(len(step_n), dtype=np.int64)
+        replay = getattr(lib, f"lfu_step_hits_{width}")
+        if replay(x.ctypes.data, len(x), int(num_ids), int(size), step_n.ctypes.data, hits.ctypes.data) == 0:
+            return hits
+    if not len(x):
+        return np.zeros(len(step_n), dtype=np.int64)
+    return np.add.reduceat(lfu_replay(x, num_ids, size).astype(np.int64), np.r_[0, np.cumsum(step_n)[:-1]])
+
+
+def _accesses(x: np.ndarray, step_n: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    """Ids as the kernels read them (int16 kept as it is: no copy of a long stream), counts, the kernels' suffix."""
+    x = np.asarray(x)
+    x = np.ascontiguousarray(x, dtype=np.int16 if x.dtype == np.int16 else np.int32)
+    step_n = np.ascontiguousarray(step_n, dtype=np.int64)
+    if int(step_n.sum()) != len(x) or (step_n < 1).any():  # the kernels walk steps by these counts
+        raise ValueError(f"step counts must be positive and sum to the {len(x)} accesses")
+    return x, step_n, "i16" if x.dtype == np.int16 else "i32"
 
 
 def lfu_replay(x: np.ndarray, num_ids: int, size: int) -> np.ndarray:
@@ -167,7 +264,7 @@ def lfu_replay_python(xs: list[int], num_ids: int, size: int) -> np.ndarray:
 
 
 def kernel():
-    """The compiled library (lru_distances, lfu_replay), or None when it cannot be built here."""
+    """The compiled library (lru_distances, lru_step_hist, lfu_replay, lfu_step_hits), or None when it cannot be built here."""
     with _LOCK:
         if not _KERNEL:
             try:
@@ -188,6 +285,13 @@ def _load():
         lib.lfu_replay.restype = lib.lru_distances.restype = ctypes.c_int
         lib.lfu_replay.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p]
         lib.lru_distances.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p]
+        for width in ("i16", "i32"):
+            steps, hist = getattr(lib, f"lfu_step_hits_{width}"), getattr(lib, f"lru_step_hist_{width}")
+            steps.restype = hist.restype = ctypes.c_int
+            steps.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p,
+                              ctypes.c_void_p]
+            hist.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64,
+                             ctypes.c_void_p]
         return lib
     return None
 
@@ -208,7 +312,7 @@ def _build(folder: Path, lib: Path) -> bool:
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             src, out = Path(tmp) / "cache.c", Path(tmp) / lib.name
             src.write_text(SOURCE)
-            done = subprocess.run([*cc, "-O2", "-shared", "-fPIC", "-o", str(out), str(src)], capture_output=True,
+            done = subprocess.run([*cc, "-O3", "-shared", "-fPIC", "-o", str(out), str(src)], capture_output=True,
                                   timeout=120, check=False)
             if done.returncode != 0 or not out.exists():
                 return False

@@ -23,6 +23,8 @@ evicted) need no replay.
 from __future__ import annotations
 
 import dataclasses
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -75,6 +77,15 @@ def _stack_distances(x_n: np.ndarray) -> np.ndarray:
         distance_n[1:] += last[:-1] > after
     distance_n[prev_n < 0] = -1
     return distance_n
+
+
+def _distinct(ids: np.ndarray, num_ids: int) -> int:
+    """How many of the ids 0..num_ids-1 occur, counted a slice at a time: bincount widens its input to 64 bits,
+    and a fresh whole-stream copy costs more in page faults than the counting."""
+    seen = np.zeros(num_ids, dtype=bool)
+    for lo in range(0, len(ids), 1 << 20):
+        seen |= np.bincount(ids[lo:lo + (1 << 20)], minlength=num_ids) > 0
+    return int(np.count_nonzero(seen))
 
 
 def _dense_ids(x_n: np.ndarray) -> tuple[np.ndarray, int]:
@@ -180,8 +191,10 @@ def _coverage(store, scope: Scope, sizes: list[int], e_by_layer: dict[int, int],
 
 def _replay(store, scope: Scope, sizes: list[int], layers: list[int], by_step: bool) -> pd.DataFrame:
     keys = ["step", "layer", "cache_size"] if by_step else ["layer", "cache_size"]
+    streams = _streams(store, scope, layers)
+    _compute(streams, sizes)
     out = []
-    for s in _streams(store, scope, layers):
+    for s in streams:
         for size in sizes:
             lru, lfu = s.lru(size), s.lfu(size)
             part = pd.DataFrame({"lru": lru, "lfu": lfu, "accesses": s.step_n} if by_step else
@@ -198,6 +211,20 @@ def _replay(store, scope: Scope, sizes: list[int], layers: list[int], by_step: b
     return df[[*keys, "lru_hit_rate", "lfu_hit_rate", "accesses"]]
 
 
+def _compute(streams: list[Stream], sizes: list[int]) -> None:
+    """Run the replays the sizes need and the streams lack, side by side: each is one sequential pass, and the C
+    kernels release the GIL, so on C cores C of them run at once."""
+    jobs = [job for s in streams for job in s.missing(sizes)]
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if workers < 2:
+        for job in jobs:
+            job()
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        for _ in pool.map(lambda job: job(), jobs):
+            pass
+
+
 class Stream:
     """One (layer, rank) cache's accesses in token order, with its hits per step as they are asked for.
 
@@ -206,31 +233,52 @@ class Stream:
     """
 
     def __init__(self, layer: int, rank: int, step_u: np.ndarray, step_n: np.ndarray, experts: np.ndarray):
-        self.layer, self.rank, self.step_u, self.step_n, self.experts = layer, rank, step_u, step_n, experts
-        d = stack_distances(experts)
-        self.distinct = int(np.count_nonzero(d < 0))
-        width = self.distinct + 1  # distances 0..distinct-1, then first accesses
-        cell = np.repeat(np.arange(len(step_u), dtype=np.int64) * width, step_n)
-        cell += np.where(d < 0, width - 1, d)
-        self.lru_cum = np.bincount(cell, minlength=len(step_u) * width).reshape(-1, width).cumsum(1)
+        self.layer, self.rank, self.step_u, self.step_n = layer, rank, step_u, step_n
+        ids, self.num_ids = _dense_ids(np.asarray(experts))
+        self.ids = ids.astype(np.int16 if self.num_ids <= 1 << 15 else np.int32, copy=False)
+        self.distinct = _distinct(self.ids, self.num_ids)
+        self._lru_cum: np.ndarray | None = None
         self._lfu: dict[int, np.ndarray] = {}
+
+    def missing(self, sizes: list[int]) -> list:
+        """The replays (callables) that answering these sizes needs and this stream has not run yet."""
+        jobs = [self._count_lru] if self._lru_cum is None else []
+        return jobs + [lambda size=size: self._replay_lfu(size) for size in sizes
+                       if 1 < size < self.distinct and size not in self._lfu]
 
     def lru(self, size: int) -> np.ndarray:
         """LRU hits per step of a cache of `size`."""
-        return self.lru_cum[:, min(size, self.distinct) - 1] if self.distinct else np.zeros(len(self.step_u), np.int64)
+        if not self.distinct:
+            return np.zeros(len(self.step_u), np.int64)
+        if self._lru_cum is None:
+            self._count_lru()
+        return self._lru_cum[:, min(size, self.distinct) - 1]
 
     def lfu(self, size: int) -> np.ndarray:
         """LFU hits per step of a cache of `size`: LRU where they agree (one expert; every expert held), else replayed."""
         if size == 1 or size >= self.distinct:
             return self.lru(size)
         if size not in self._lfu:
-            starts = np.r_[0, np.cumsum(self.step_n)[:-1]]
-            self._lfu[size] = np.add.reduceat(_lfu_replay(self.experts, size).astype(np.int64), starts)
+            self._replay_lfu(size)
         return self._lfu[size]
+
+    def _count_lru(self) -> None:
+        hist = cache_kernels.lru_step_hist(self.ids, self.num_ids, self.step_n) if len(self.ids) else None
+        if hist is None:  # no C kernel: stack distances in numpy, counted per (step, distance)
+            d = stack_distances(self.ids)
+            width = self.num_ids + 1
+            cell = np.repeat(np.arange(len(self.step_u), dtype=np.int64) * width, self.step_n)
+            cell += np.where(d < 0, width - 1, d)
+            hist = np.bincount(cell, minlength=len(self.step_u) * width).reshape(-1, width)
+        self._lru_cum = hist.cumsum(1)
+
+    def _replay_lfu(self, size: int) -> None:
+        self._lfu[size] = cache_kernels.lfu_step_hits(self.ids, self.num_ids, size, self.step_n)
 
     @property
     def nbytes(self) -> int:
-        return self.experts.nbytes + self.lru_cum.nbytes + self.step_u.nbytes + self.step_n.nbytes
+        """What the stream holds once its LRU counts are made (the LFU hits per step are small beside them)."""
+        return self.ids.nbytes + len(self.step_u) * (self.num_ids + 1) * 8 + self.step_u.nbytes + self.step_n.nbytes
 
 
 # Streams read before, per (store, run, live routing segments, scope); bounded in bytes.
@@ -268,14 +316,52 @@ def _read_streams(store, scope: Scope, layers: list[int]):
                       f"WHERE {where}", params=params or None).to_arrow_table()
     finally:
         con.close()
-    key, expert = _in_key_order(tab.column("key").to_numpy(), tab.column("expert").to_numpy())
-    stream = key >> plan.stream_shift if len(layers) > 1 or plan.rank_bits else np.zeros(1, dtype=np.int64)
-    bounds = np.flatnonzero(stream[1:] != stream[:-1]) + 1
-    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(key)]):
-        if hi > lo:
-            layer, rank = plan.stream(int(stream[lo]))
-            step_u, step_n = _runs(key[lo:hi] >> plan.step_shift)  # the key's bits from the step up: one per step here
-            yield layer, rank, plan.steps(step_u << plan.step_shift), step_n, expert[lo:hi]
+    if not tab.num_rows:
+        return
+    chunks = _ordered_chunks(tab.column("key"))
+    if chunks is not None:  # the usual case: every segment's rows in token order, segments read in order
+        expert = tab.column("expert").to_numpy()
+        runs = [_runs(c >> plan.step_shift) for c in chunks]
+        code, count = _merge_runs(np.concatenate([r[0] for r in runs]), np.concatenate([r[1] for r in runs]))
+    else:
+        key, expert = _in_key_order(tab.column("key").to_numpy(), tab.column("expert").to_numpy())
+        code, count = _runs(key >> plan.step_shift)  # the key's bits from the step up: one per (stream, step)
+    stream = code >> (plan.stream_shift - plan.step_shift) if len(layers) > 1 or plan.rank_bits \
+        else np.zeros(len(code), dtype=np.int64)
+    ends = np.cumsum(count)
+    for lo, hi in _runs_bounds(stream):
+        layer, rank = plan.stream(int(stream[lo]))
+        yield layer, rank, plan.steps(code[lo:hi] << plan.step_shift), count[lo:hi], \
+            expert[ends[lo] - count[lo]:ends[hi - 1]]
+
+
+def _ordered_chunks(key) -> list[np.ndarray] | None:
+    """The key column's chunks as arrays (no copy) when the rows are already in key order, else None: checked a
+    chunk at a time, so the whole column is never gathered into one array."""
+    chunks, last = [], None
+    for chunk in key.chunks:
+        c = chunk.to_numpy()
+        if not len(c):
+            continue
+        if (last is not None and c[0] < last) or (c[1:] < c[:-1]).any():
+            return None
+        chunks.append(c)
+        last = c[-1]
+    return chunks
+
+
+def _merge_runs(values: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of a sorted array counted in pieces, joined where one piece ends on the value the next begins with."""
+    if not len(values):
+        return values, counts
+    starts = np.r_[0, np.flatnonzero(values[1:] != values[:-1]) + 1]
+    return values[starts], np.add.reduceat(counts, starts)
+
+
+def _runs_bounds(v: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each run of equal values of v."""
+    bounds = np.r_[0, np.flatnonzero(v[1:] != v[:-1]) + 1, len(v)] if len(v) else np.zeros(1, np.int64)
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
 
 
 def _runs(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -34,8 +34,35 @@ def test_kernels_and_fallbacks_equal_a_plain_simulation():
             assert cache_kernels.lfu_replay_python(xs.tolist(), experts, size).tolist() == want_lfu
 
 
-def write_frames(store, run, rng, ranks=2, checkpoints=("a", "b"), steps=3, experts=6, k=2, producer="p"):
-    """Tokens over ranks, checkpoints, microbatches and sequences; each frame's rows shuffled. Returns the rows."""
+@pytest.mark.parametrize("dtype", [np.int16, np.int32])
+@pytest.mark.parametrize("experts", [1, 5, 16, 17, 40])  # up to 16 ids the LRU kernel counts, beyond it walks a list
+def test_per_step_kernels_equal_a_plain_simulation_summed_per_step(dtype, experts):
+    rng = np.random.default_rng(experts)
+    for _ in range(12):
+        n = int(rng.integers(1, 400))
+        xs = rng.choice(experts, n, p=rng.dirichlet(np.full(experts, rng.choice([0.3, 3.0])))).astype(dtype)
+        cuts = np.sort(rng.choice(np.arange(1, n), min(n - 1, int(rng.integers(0, 12))), replace=False)) if n > 1 else []
+        step_n = np.diff(np.r_[0, cuts, n])
+        starts = np.r_[0, np.cumsum(step_n)[:-1]]
+        distances = ec._stack_distances(xs)
+        hist = cache_kernels.lru_step_hist(xs, experts, step_n)
+        for s, (lo, hi) in enumerate(zip(starts, starts + step_n)):
+            assert hist[s].tolist() == np.bincount(np.where(distances[lo:hi] < 0, experts, distances[lo:hi]),
+                                                   minlength=experts + 1).tolist()
+        for size in range(1, experts + 2):
+            _, want = simulate(xs.tolist(), size)
+            assert cache_kernels.lfu_step_hits(xs, experts, size, step_n).tolist() == \
+                [sum(want[lo:hi]) for lo, hi in zip(starts, starts + step_n)]
+
+
+def test_per_step_kernels_refuse_counts_that_do_not_cover_the_accesses():
+    with pytest.raises(ValueError, match="sum to the 3 accesses"):
+        cache_kernels.lfu_step_hits(np.array([0, 1, 0]), 2, 1, np.array([1, 1]))
+
+
+def write_frames(store, run, rng, ranks=2, checkpoints=("a", "b"), steps=3, experts=6, k=2, producer="p", shuffle=True):
+    """Tokens over ranks, checkpoints, microbatches and sequences; each frame's rows shuffled unless told not to.
+    Returns the rows."""
     meta = {"layers": [{"layer": layer, "module_path": f"l{layer}", "num_experts": experts, "top_k": k,
                         "router_kind": "softmax-topk", "capacity_factor": None} for layer in (0, 1)]}
     everything, seq_no = [], 0
@@ -51,7 +78,8 @@ def write_frames(store, run, rng, ranks=2, checkpoints=("a", "b"), steps=3, expe
                                 rows += [dict(run=run, checkpoint=checkpoint, step=step, rank=rank, microbatch=mb, seq=seq,
                                               pos=pos, token_id=-1, layer=layer, slot=slot, expert=int(e), weight=0.5,
                                               dropped=False, domain=None, phase="train") for slot, e in enumerate(chosen)]
-                random.Random(seq_no).shuffle(rows)
+                if shuffle:
+                    random.Random(seq_no).shuffle(rows)
                 agg = [dict(run=run, checkpoint=checkpoint, step=step, rank=rank, layer=layer, expert=x,
                             num_tokens=sum(1 for r in rows if r["layer"] == layer and r["slot"] == 0),
                             tokens=sum(1 for r in rows if r["layer"] == layer and r["expert"] == x), dropped=0, top1=0,
@@ -94,6 +122,22 @@ def test_hit_rates_follow_token_order_over_ranks_checkpoints_and_microbatches(st
         want = expected_rates(rows, sizes, steps)
         for r in df.itertuples():
             assert (r.lru_hit_rate, r.lfu_hit_rate) == pytest.approx(want[r.layer, r.cache_size])
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_rows_read_in_token_order_are_replayed_without_a_sort(store, monkeypatch, shuffle):
+    rows = write_frames(store, "ordered", np.random.default_rng(6), checkpoints=("a",), shuffle=shuffle)
+    sorts = []
+    monkeypatch.setattr(ec, "_in_key_order", lambda *a, _f=ec._in_key_order: sorts.append(1) or _f(*a))
+    ec.STREAMS.clear()
+    sizes = [1, 2, 3, 5]
+    for layer in (0, 1):  # one layer, as the page asks: its rows come out of the segments in token order
+        for steps in (None, (1, 2)):
+            df = compute_metric(store, "expert_cache", "ordered", cache_sizes=sizes, steps=steps, layers=[layer])
+            want = expected_rates(rows, sizes, steps)
+            assert [(r.lru_hit_rate, r.lfu_hit_rate) for r in df.itertuples()] == \
+                pytest.approx([want[layer, size] for size in sizes])
+    assert bool(sorts) == shuffle
 
 
 def test_streams_are_read_once_until_the_run_writes_again(store, monkeypatch):
