@@ -43,11 +43,84 @@ def whole_run_counts(store, run: str, where: str, params: list) -> pd.DataFrame 
 
 
 def _count(store, run: str, files: list[str], where: str, params: list) -> pd.DataFrame:
-    return store.sql(f"""
-        SELECT layer, token_id AS x, expert, count(*) AS routed,
-               count(*) FILTER (WHERE slot = 0) AS top1
-        FROM read_parquet({sql_list(files)}, union_by_name=true) WHERE {where} AND token_id >= 0 GROUP BY ALL""",
-                     params, run=run)
+    query = f"FROM read_parquet({sql_list(files)}, union_by_name=true) WHERE {where} AND token_id >= 0"
+    counted = store.consume(f"SELECT layer, token_id, expert, slot {query}", params, _DenseCounts.fold, run=run)
+    if counted is not None:
+        return counted
+    return store.sql(f"""SELECT layer, token_id AS x, expert, count(*) AS routed,
+                                count(*) FILTER (WHERE slot = 0) AS top1 {query} GROUP BY ALL""", params, run=run)
+
+
+class _DenseCounts:
+    """(id, expert) counts of each layer in dense arrays, folded batch by batch as the scan makes them.
+
+    DuckDB's GROUP BY of ~256k (id, expert) groups over 25M rows takes ~1.3 s on 2 cores;
+    reading the same rows and counting them with bincount while the scan runs takes about
+    half that. A layer whose id × expert space outgrows DENSE_CELLS is counted by DuckDB
+    instead (fold returns None).
+    """
+
+    DENSE_CELLS = 1 << 21
+
+    def __init__(self):
+        self.routed: dict[int, np.ndarray] = {}  # layer -> [ids, experts] counts
+        self.top1: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def fold(cls, reader) -> pd.DataFrame | None:
+        counts = cls()
+        for batch in reader:
+            layer, x, expert, slot = (batch.column(i).to_numpy() for i in range(4))
+            if not counts.add(layer, x, expert, slot):
+                return None
+        return counts.frame()
+
+    def add(self, layer_n, x_n, expert_n, slot_n) -> bool:
+        if not len(layer_n):
+            return True
+        if int(expert_n.min()) < 0:
+            return False
+        layers = [int(layer_n[0])] if layer_n[0] == layer_n[-1] and (layer_n == layer_n[0]).all() else \
+            np.unique(layer_n).tolist()
+        for layer in layers:
+            rows = slice(None) if len(layers) == 1 else layer_n == layer
+            x, e, top = x_n[rows], expert_n[rows], slot_n[rows] == 0
+            routed = self._fit(layer, int(x.max()) + 1, int(e.max()) + 1)
+            if routed is None:
+                return False
+            cells, width = routed.size, routed.shape[1]
+            key = x.astype(np.int64) * width + e
+            routed += np.bincount(key, minlength=cells).reshape(routed.shape)
+            self.top1[layer] += np.bincount(key[top], minlength=cells).reshape(routed.shape)
+        return True
+
+    def _fit(self, layer: int, ids: int, experts: int) -> np.ndarray | None:
+        """The layer's counts, grown (doubling in ids) to hold ids × experts; None past DENSE_CELLS."""
+        have = self.routed.get(layer)
+        rows, cols = (0, 0) if have is None else have.shape
+        if ids <= rows and experts <= cols:
+            return have
+        rows, cols = max(rows, ids, min(2 * rows, ids * 2)), max(cols, experts)
+        if rows * cols > self.DENSE_CELLS:
+            rows = max(ids, have.shape[0] if have is not None else 0)
+            if rows * cols > self.DENSE_CELLS:
+                return None
+        for kept in (self.routed, self.top1):
+            grown = np.zeros((rows, cols), dtype=np.int64)
+            if have is not None:
+                old = kept[layer]
+                grown[:old.shape[0], :old.shape[1]] = old
+            kept[layer] = grown
+        return self.routed[layer]
+
+    def frame(self) -> pd.DataFrame:
+        parts = []
+        for layer, routed in sorted(self.routed.items()):
+            x, e = np.nonzero(routed)
+            parts.append(pd.DataFrame({"layer": np.full(len(x), layer, np.int16), "x": x.astype(np.int32),
+                                       "expert": e.astype(np.int16), "routed": routed[x, e],
+                                       "top1": self.top1[layer][x, e]}))
+        return pd.concat(parts, ignore_index=True) if parts else _empty()
 
 
 def _empty() -> pd.DataFrame:

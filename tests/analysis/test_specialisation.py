@@ -100,9 +100,15 @@ def test_vocab_specialisation_top_keeps_each_experts_highest_shares(synth):
         compute_metric(store, "vocab_specialisation", "synth", top=0)
 
 
-def test_vocab_specialisation_over_the_whole_run_equals_the_counted_rows_and_follows_new_segments(store):
+@pytest.mark.parametrize("dense_cells", [1 << 21, 0])  # counted by bincount as the scan runs, or by DuckDB
+def test_vocab_specialisation_over_the_whole_run_equals_the_counted_rows_and_follows_new_segments(store, monkeypatch,
+                                                                                                   dense_cells):
     """The whole-run answer (counts kept per segment read) equals the same window counted from the rows."""
     from synth_runs import write_run
+
+    from moescope.analysis import vocab_counts
+    monkeypatch.setattr(vocab_counts._DenseCounts, "DENSE_CELLS", dense_cells)
+    vocab_counts.KEPT.clear()
 
     steps = synth_steps()
     sizes = {0: (E, 2), 1: (E, 1), 2: (E, 2)}

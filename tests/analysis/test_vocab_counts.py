@@ -2,6 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from moescope.analysis import vocab_counts
 from moescope.analysis.vocab_counts import shares
 
 
@@ -37,3 +38,37 @@ def test_no_id_seen_often_enough_gives_an_empty_frame_with_the_columns():
     counts = pd.DataFrame({"layer": [0], "x": [5], "expert": [1], "routed": [1], "top1": [1]})
     got = shares(counts, "token_id", 10, 3)
     assert got.empty and list(got.columns) == ["layer", "token_id", "expert", "tokens", "routed", "share"]
+
+
+def grouped(rows: pd.DataFrame) -> pd.DataFrame:
+    """What the GROUP BY returns: (layer, id, expert) routed rows and slot-0 rows."""
+    out = rows.assign(top1=rows.slot == 0).groupby(["layer", "x", "expert"], as_index=False).agg(
+        routed=("slot", "size"), top1=("top1", "sum"))
+    return out.astype({"routed": "int64", "top1": "int64"})
+
+
+def test_dense_counts_folded_batch_by_batch_equal_a_group_by_as_ids_and_experts_grow():
+    rng = np.random.default_rng(3)
+    batches = []
+    for i, (ids, experts) in enumerate([(50, 4), (50, 4), (900, 4), (900, 11), (20, 2)]):  # grows in both axes
+        n = 3000
+        layer = np.full(n, 5, np.int16) if i == 1 else rng.choice(np.array([0, 5, 7], np.int16), n)  # one layer, or mixed
+        batches.append(pd.DataFrame({"layer": layer, "x": rng.integers(0, ids, n).astype(np.int32),
+                                     "expert": rng.integers(0, experts, n).astype(np.int16),
+                                     "slot": rng.integers(0, 2, n).astype(np.int8)}))
+    counts = vocab_counts._DenseCounts()
+    for b in batches:
+        assert counts.add(*(b[c].to_numpy() for c in ("layer", "x", "expert", "slot")))
+    got = counts.frame().sort_values(["layer", "x", "expert"]).reset_index(drop=True)
+    want = grouped(pd.concat(batches, ignore_index=True))
+    pd.testing.assert_frame_equal(got, want, check_dtype=False)
+    assert (got.dtypes.to_dict() == vocab_counts._empty().dtypes.to_dict())
+
+
+def test_an_id_space_past_the_dense_bound_is_left_to_the_group_by(monkeypatch):
+    monkeypatch.setattr(vocab_counts._DenseCounts, "DENSE_CELLS", 100)
+    counts = vocab_counts._DenseCounts()
+    ok = counts.add(np.zeros(3, np.int16), np.array([1, 2, 3], np.int32), np.array([0, 1, 0], np.int16),
+                    np.zeros(3, np.int8))
+    assert ok and not counts.add(np.zeros(1, np.int16), np.array([60], np.int32), np.array([1], np.int16),
+                                 np.zeros(1, np.int8))
