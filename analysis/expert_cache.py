@@ -31,6 +31,7 @@ import pandas as pd
 
 from moescope.analysis import cache_kernels
 from moescope.analysis.memo import BoundedMemo, segments_key
+from moescope.analysis.placement_replay import sum_by_value
 from moescope.analysis.query import Scope, check_options
 from moescope.collector.store import sql_list
 
@@ -322,7 +323,7 @@ def _read_streams(store, scope: Scope, layers: list[int]):
     if chunks is not None:  # the usual case: every segment's rows in token order, segments read in order
         expert = tab.column("expert").to_numpy()
         runs = [_runs(c >> plan.step_shift) for c in chunks]
-        code, count = _merge_runs(np.concatenate([r[0] for r in runs]), np.concatenate([r[1] for r in runs]))
+        code, count = sum_by_value(np.concatenate([r[0] for r in runs]), np.concatenate([r[1] for r in runs]))
     else:
         key, expert = _in_key_order(tab.column("key").to_numpy(), tab.column("expert").to_numpy())
         code, count = _runs(key >> plan.step_shift)  # the key's bits from the step up: one per (stream, step)
@@ -348,14 +349,6 @@ def _ordered_chunks(key) -> list[np.ndarray] | None:
         chunks.append(c)
         last = c[-1]
     return chunks
-
-
-def _merge_runs(values: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Runs of a sorted array counted in pieces, joined where one piece ends on the value the next begins with."""
-    if not len(values):
-        return values, counts
-    starts = np.r_[0, np.flatnonzero(values[1:] != values[:-1]) + 1]
-    return values[starts], np.add.reduceat(counts, starts)
 
 
 def _runs_bounds(v: np.ndarray) -> list[tuple[int, int]]:

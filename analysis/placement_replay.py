@@ -381,10 +381,19 @@ class SignatureCounter:
         u = np.concatenate([p[0] for p in self.parts])
         cnt = np.concatenate([p[1] for p in self.parts]).astype(np.float64)
         if len(self.parts) > 1:  # a step cut by a batch end appears twice
-            u, inv = np.unique(u, return_inverse=True)
-            cnt = np.bincount(inv, weights=cnt, minlength=len(u))
+            u, cnt = sum_by_value(u, cnt)
         per = self.space.cells * self.space.n_sig
         return Counts(u // per + self.lo, u % per, cnt)
+
+
+def sum_by_value(u: np.ndarray, cnt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct values of u ascending, the sum of cnt over each). Batches read in step order (one writer) come
+    ascending already: equal neighbours are joined without a sort."""
+    if len(u) and np.all(u[1:] >= u[:-1]):
+        starts = np.r_[0, np.flatnonzero(u[1:] != u[:-1]) + 1]
+        return u[starts], np.add.reduceat(cnt, starts)
+    values, inv = np.unique(u, return_inverse=True)
+    return values, np.bincount(inv, weights=cnt, minlength=len(values)).astype(cnt.dtype, copy=False)
 
 
 # Signature counts of routing segments already read, per (store, run, space, row filter): (segments, counts).

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -217,6 +218,16 @@ def test_tokens_cut_by_batch_boundaries_count_the_same(eight, monkeypatch, batch
     cut = compute_metric(eight, "placement", "eight", ep_size=4, gpus_per_node=2, policy=["round_robin", "map"],
                          expert_map=expert_map)
     assert np.allclose(cut.select_dtypes("number"), whole.select_dtypes("number"), equal_nan=True)
+
+
+@pytest.mark.parametrize("ascending", [True, False])
+def test_signature_counts_of_several_batches_sum_per_value_sorted_or_not(ascending):
+    rng = np.random.default_rng(1)
+    u = np.sort(rng.integers(0, 50, 300)) if ascending else rng.integers(0, 50, 300)  # ascending: steps in order
+    cnt = rng.integers(1, 9, 300).astype(np.float64)
+    values, sums = pr.sum_by_value(u, cnt)
+    want = pd.Series(cnt).groupby(u).sum()
+    assert values.tolist() == want.index.tolist() and sums.tolist() == want.tolist()
 
 
 def test_tokens_with_varying_expert_counts_replay_row_by_row(store):
