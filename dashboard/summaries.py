@@ -74,6 +74,13 @@ def run_health(store: Store, run: str, *, firing: int = 0, now: float | None = N
     """One run's health over its last WINDOW_STEPS steps: MaxVio (mean over layers), dead experts
     (summed over layers), drop rate, alerts firing, recording status; from the rows of `ranks` only when given
     (alerts, status and routing rows stay the run's)."""
+    with store.reading(run):  # one segment listing and one connection for the run's seven metric calls
+        return _run_health(store, run, firing=firing, now=now, last_write=last_write, routing_rows=routing_rows,
+                           ranks=ranks)
+
+
+def _run_health(store: Store, run: str, *, firing: int, now: float | None, last_write: float | None,
+                routing_rows: int, ranks: list[int] | None) -> dict:
     now = time.time() if now is None else now
     phase = series_phase(store, run)
     last = last_step(store, run, phase, ranks)
