@@ -216,7 +216,8 @@ def _compute(streams: list[Stream], sizes: list[int]) -> None:
     """Run the replays the sizes need and the streams lack, side by side: each is one sequential pass, and the C
     kernels release the GIL, so on C cores C of them run at once."""
     jobs = [job for s in streams for job in s.missing(sizes)]
-    workers = min(len(jobs), os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(len(jobs), cores)
     if workers < 2:
         for job in jobs:
             job()
