@@ -423,6 +423,7 @@ def histogram(store, run: str, space: Space, filters: str, params: list, windows
         if any(ranges.get(f) is None for f in todo):
             raise NotAdjacent()
         need = [f for f in todo if any(ranges[f][0] <= hi and ranges[f][1] >= lo for lo, hi in windows)]
+        need.sort(key=lambda f: (ranges[f], f))  # in step order: one writer's batches then count ascending
         if need:
             lo, hi = min(ranges[f][0] for f in need), max(ranges[f][1] for f in need)
             width = key_width(lo, hi, space.cells)
