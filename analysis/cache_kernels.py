@@ -4,7 +4,9 @@ Both are sequential over the accesses. LRU stack distances (Mattson et al. 1970)
 cache size at once; numpy computes them in O(E·n) (expert_cache.lru_hits), which for large
 E is slower than walking a move-to-front list in C. LFU is not a stack algorithm: each cache
 size is its own replay, and in Python that costs about 0.3 µs an access, seconds per size
-over a layer of a long run. In C each is a few ns an access. The system C compiler builds
+over a layer of a long run. In C each is a few ns an access. The replay of a whole layer
+counts per step in C as well (lru_step_hist, lfu_step_hits): no per-access array the size
+of the stream is made, which at 25M accesses cost more than the replays. The system C compiler builds
 them once into the user's cache directory (a file named by the source's hash) and ctypes
 loads it. Without a compiler, or when the build fails, the numpy stack distances and the
 Python LFU replay run instead: the same answers (tests compare them), more slowly.

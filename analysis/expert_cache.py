@@ -13,12 +13,14 @@ one replay stream.
   first uses count as misses. Sampled routing rows give an estimate over the sample.
 
 Cost. Rows are read once, unsorted, as one 64-bit token-order key per row (built by DuckDB
-from the columns' ranges in the segment footers) and sorted in numpy, which finds the
-segments' runs already in order. LRU is exact for every cache size from one pass of stack
-distances (Mattson et al. 1970), O(E·n) numpy. LFU is not a stack algorithm: each size is
-its own sequential replay, exact, in a small C kernel (cache_kernels; Python without a C
-compiler). N = 1 (LFU = LRU) and N at least the stream's distinct experts (nothing is
-evicted) need no replay.
+from the columns' ranges in the segment footers). Rows that come out of the segments in key
+order already (the probe writes them so) are taken as they are, checked a chunk at a time;
+others are sorted in numpy. LRU is exact for every cache size from one pass of stack
+distances (Mattson et al. 1970), counted per (step, distance) by a C kernel (cache_kernels;
+numpy without a C compiler). LFU is not a stack algorithm: each size is its own sequential
+replay, exact, counted per step in C (Python without a compiler). The LRU pass and the LFU
+sizes run side by side in threads. N = 1 (LFU = LRU) and N at least the stream's distinct
+experts (nothing is evicted) need no replay.
 """
 from __future__ import annotations
 
