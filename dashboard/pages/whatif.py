@@ -189,45 +189,48 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
                   problems):
         if not run:
             return empty_placement("pick a run", problems)
-        steps, layer_id, _, notes = common.resolve(ctx.store, run, layer, step_min, step_max)
-        if layer_id is None:
-            return empty_placement(figures.NO_DATA, problems)
-        fit_steps, fit_note = fit_window(fit_min, fit_max)
-        knob_notes: list[str] = []
-        knobs = {name: checked(name, v, knob_notes) for name, v in (("ep_size", ep_size), ("gpus_per_node", gpus),
-                                                                     ("redundant", redundant), ("hidden_size", hidden))}
-        chosen = parse_policies(policies, knob_notes)
-        notes += [fit_note, *knob_notes]
-        if not chosen:
-            return empty_placement("pick one or more policies", problems)
-        if dtype not in DTYPES:
-            notes.append(f"ignored dtype {str(dtype)[:40]!r}; using bfloat16")
-            dtype = "bfloat16"
-        options = dict(run=run, layers=[layer_id], steps=steps, ep_size=knobs["ep_size"],
-                       gpus_per_node=knobs["gpus_per_node"], redundant_slots=knobs["redundant"] or 0, policy=chosen,
-                       hidden_size=knobs["hidden_size"], dtype=dtype, fit_steps=fit_steps)
-        summary = compute_metric(ctx.store, "placement", by="window", **options)
-        per_step = compute_metric(ctx.store, "placement", by="step", **options)
-        g = int(summary.ep_size.iloc[0])
-        where = f"layer {layer_id}, {g} devices"
-        balance = per_step.groupby(["policy", "step"], as_index=False, sort=False)["balancedness"].first()
-        lines = figures.step_lines({p: balance[balance.policy == p] for p in chosen}, "balancedness",
-                                   title=f"Balancedness per step — {where}", y_title="mean / max tokens per device",
-                                   baseline=1.0, baseline_label="balanced", uirevision=f"{run}|{layer_id}|{g}")
-        tokens = device_bars(per_step, chosen, "tokens", title=f"Tokens per device, mean per step — {where}",
-                             y_title="(token, expert) assignments per step")
-        per_bytes = knobs["hidden_size"] is not None
-        unit = "bytes" if per_bytes else "copies"
-        traffic = device_bars(per_step, chosen, f"{unit}_sent", baseline_column=f"{unit}_recv", baseline_label="received",
-                              title=f"All-to-all dispatch {unit} per device, mean per step — {where}"
-                                    + ("" if per_bytes else " (give a hidden size for bytes)"),
-                              y_title=f"{unit} per step")
-        fitted = "the evaluated window itself" if fit_steps is None else f"steps {fit_steps[0]}..{fit_steps[1]}"
-        table = html.Div([html.P(f"Load-aware policies ({', '.join(p for p in chosen if p in LOAD_AWARE) or 'none picked'})"
-                                 f" fitted on {fitted}; current placement: {summary.current.iloc[0]}.",
-                                 className="muted"),
-                          summary_table(summary, per_bytes), suggested_map(summary)])
-        return lines, tokens, traffic, table, None, common.message(problems, *notes)
+        with ctx.store.reading(run):  # one segment listing and one connection for the callback's queries
+            steps, layer_id, _, notes = common.resolve(ctx.store, run, layer, step_min, step_max)
+            if layer_id is None:
+                return empty_placement(figures.NO_DATA, problems)
+            fit_steps, fit_note = fit_window(fit_min, fit_max)
+            knob_notes: list[str] = []
+            knobs = {name: checked(name, v, knob_notes) for name, v in (("ep_size", ep_size), ("gpus_per_node", gpus),
+                                                                         ("redundant", redundant), ("hidden_size", hidden))}
+            chosen = parse_policies(policies, knob_notes)
+            notes += [fit_note, *knob_notes]
+            if not chosen:
+                return empty_placement("pick one or more policies", problems)
+            if dtype not in DTYPES:
+                notes.append(f"ignored dtype {str(dtype)[:40]!r}; using bfloat16")
+                dtype = "bfloat16"
+            options = dict(run=run, layers=[layer_id], steps=steps, ep_size=knobs["ep_size"],
+                           gpus_per_node=knobs["gpus_per_node"], redundant_slots=knobs["redundant"] or 0, policy=chosen,
+                           hidden_size=knobs["hidden_size"], dtype=dtype, fit_steps=fit_steps)
+            summary = compute_metric(ctx.store, "placement", by="window", **options)
+            per_step = compute_metric(ctx.store, "placement", by="step", **options)
+            g = int(summary.ep_size.iloc[0])
+            where = f"layer {layer_id}, {g} devices"
+            balance = per_step.groupby(["policy", "step"], as_index=False, sort=False)["balancedness"].first()
+            lines = figures.step_lines({p: balance[balance.policy == p] for p in chosen}, "balancedness",
+                                       title=f"Balancedness per step — {where}", y_title="mean / max tokens per device",
+                                       baseline=1.0, baseline_label="balanced", uirevision=f"{run}|{layer_id}|{g}")
+            tokens = device_bars(per_step, chosen, "tokens", title=f"Tokens per device, mean per step — {where}",
+                                 y_title="(token, expert) assignments per step")
+            per_bytes = knobs["hidden_size"] is not None
+            unit = "bytes" if per_bytes else "copies"
+            traffic = device_bars(per_step, chosen, f"{unit}_sent", baseline_column=f"{unit}_recv",
+                                  baseline_label="received",
+                                  title=f"All-to-all dispatch {unit} per device, mean per step — {where}"
+                                        + ("" if per_bytes else " (give a hidden size for bytes)"),
+                                  y_title=f"{unit} per step")
+            fitted = "the evaluated window itself" if fit_steps is None else f"steps {fit_steps[0]}..{fit_steps[1]}"
+            aware = ", ".join(p for p in chosen if p in LOAD_AWARE) or "none picked"
+            table = html.Div([html.P(f"Load-aware policies ({aware})"
+                                     f" fitted on {fitted}; current placement: {summary.current.iloc[0]}.",
+                                     className="muted"),
+                              summary_table(summary, per_bytes), suggested_map(summary)])
+            return lines, tokens, traffic, table, None, common.message(problems, *notes)
 
     def empty_cache(msg):
         return figures.empty_figure(msg), None, common.message(None, msg)
@@ -240,25 +243,28 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
     def cache(run, layer, step_min, step_max, sizes_text):
         if not run:
             return empty_cache("pick a run")
-        steps, layer_id, meta, _ = common.resolve(ctx.store, run, layer, step_min, step_max)
-        if layer_id is None:
-            return empty_cache(figures.NO_DATA)
-        experts = int(meta.loc[meta["layer"] == layer_id, "E"].iloc[0])
-        sizes, note = parse_cache_sizes(sizes_text, experts)
-        df = compute_metric(ctx.store, "expert_cache", run=run, layers=[layer_id], steps=steps, cache_sizes=sizes)
-        if df.empty:
-            return figures.empty_figure(figures.NO_DATA), None, common.message(None, note)
-        ideal = "top-N coverage (best static set)"
-        series = {ideal: df.assign(value=df.coverage), "LRU hit rate": df.assign(value=df.lru_hit_rate),
-                  "LFU hit rate": df.assign(value=df.lfu_hit_rate)}
-        fig = figures.xy_lines(series, "cache_size", "value", title=f"Cache of N experts — layer {layer_id} of {experts}",
-                               x_title="cache size N (experts held)", y_title="share of assignments served",
-                               uirevision=f"{run}|{layer_id}", dash_names={ideal})
-        fig.update_xaxes(tickmode="array", tickvals=sizes)  # whole numbers of experts only
-        table = html.Table([html.Thead(html.Tr([html.Th(h) for h in ("N", "top-N coverage", "LRU hit rate",
-                                                                       "LFU hit rate", "accesses")])),
-                            html.Tbody([html.Tr([html.Td(r.cache_size), html.Td(_num(r.coverage, ".2%")),
-                                                 html.Td(_num(r.lru_hit_rate, ".2%")), html.Td(_num(r.lfu_hit_rate, ".2%")),
-                                                 html.Td(f"{r.accesses:,}")]) for r in df.itertuples()])],
-                           id="wi-cache-rows", className="table")
-        return fig, table, common.message(None, note)
+        with ctx.store.reading(run):  # one segment listing and one connection for the callback's queries
+            steps, layer_id, meta, _ = common.resolve(ctx.store, run, layer, step_min, step_max)
+            if layer_id is None:
+                return empty_cache(figures.NO_DATA)
+            experts = int(meta.loc[meta["layer"] == layer_id, "E"].iloc[0])
+            sizes, note = parse_cache_sizes(sizes_text, experts)
+            df = compute_metric(ctx.store, "expert_cache", run=run, layers=[layer_id], steps=steps, cache_sizes=sizes)
+            if df.empty:
+                return figures.empty_figure(figures.NO_DATA), None, common.message(None, note)
+            ideal = "top-N coverage (best static set)"
+            series = {ideal: df.assign(value=df.coverage), "LRU hit rate": df.assign(value=df.lru_hit_rate),
+                      "LFU hit rate": df.assign(value=df.lfu_hit_rate)}
+            fig = figures.xy_lines(series, "cache_size", "value",
+                                   title=f"Cache of N experts — layer {layer_id} of {experts}",
+                                   x_title="cache size N (experts held)", y_title="share of assignments served",
+                                   uirevision=f"{run}|{layer_id}", dash_names={ideal})
+            fig.update_xaxes(tickmode="array", tickvals=sizes)  # whole numbers of experts only
+            table = html.Table([html.Thead(html.Tr([html.Th(h) for h in ("N", "top-N coverage", "LRU hit rate",
+                                                                           "LFU hit rate", "accesses")])),
+                                html.Tbody([html.Tr([html.Td(r.cache_size), html.Td(_num(r.coverage, ".2%")),
+                                                     html.Td(_num(r.lru_hit_rate, ".2%")),
+                                                     html.Td(_num(r.lfu_hit_rate, ".2%")),
+                                                     html.Td(f"{r.accesses:,}")]) for r in df.itertuples()])],
+                               id="wi-cache-rows", className="table")
+            return fig, table, common.message(None, note)
