@@ -333,7 +333,8 @@ def _read_streams(store, scope: Scope, layers: list[int]):
     stream = code >> (plan.stream_shift - plan.step_shift) if len(layers) > 1 or plan.rank_bits \
         else np.zeros(len(code), dtype=np.int64)
     ends = np.cumsum(count)
-    for lo, hi in _runs_bounds(stream):
+    stream_ends = np.cumsum(_runs(stream)[1])  # the (step) runs of each (layer, rank) stream
+    for lo, hi in zip(np.r_[0, stream_ends[:-1]], stream_ends):
         layer, rank = plan.stream(int(stream[lo]))
         yield layer, rank, plan.steps(code[lo:hi] << plan.step_shift), count[lo:hi], \
             expert[ends[lo] - count[lo]:ends[hi - 1]]
@@ -352,12 +353,6 @@ def _ordered_chunks(key) -> list[np.ndarray] | None:
         chunks.append(c)
         last = c[-1]
     return chunks
-
-
-def _runs_bounds(v: np.ndarray) -> list[tuple[int, int]]:
-    """(start, end) of each run of equal values of v."""
-    bounds = np.r_[0, np.flatnonzero(v[1:] != v[:-1]) + 1, len(v)] if len(v) else np.zeros(1, np.int64)
-    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
 
 
 def _runs(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from moescope.analysis.memo import BoundedMemo
+from moescope.analysis.placement_replay import stream_sql
 from moescope.collector.store import sql_list
 
 # (store, run, row filter) -> (segments counted, counts); bounded in counted (layer, id, expert) rows.
@@ -44,7 +45,8 @@ def whole_run_counts(store, run: str, where: str, params: list) -> pd.DataFrame 
 
 def _count(store, run: str, files: list[str], where: str, params: list) -> pd.DataFrame:
     query = f"FROM read_parquet({sql_list(files)}, union_by_name=true) WHERE {where} AND token_id >= 0"
-    counted = store.consume(f"SELECT layer, token_id, expert, slot {query}", params, _DenseCounts.fold, run=run)
+    counted = _DenseCounts.fold(stream_sql(store, run, f"SELECT layer, token_id, expert, slot {query}", params,
+                                           tables=()))
     if counted is not None:
         return counted
     return store.sql(f"""SELECT layer, token_id AS x, expert, count(*) AS routed,
@@ -55,8 +57,8 @@ class _DenseCounts:
     """(id, expert) counts of each layer in dense arrays, folded batch by batch as the scan makes them.
 
     DuckDB's GROUP BY of ~256k (id, expert) groups over 25M rows takes ~1.3 s on 2 cores;
-    reading the same rows and counting them with bincount while the scan runs takes about
-    half that. A layer whose id × expert space outgrows DENSE_CELLS is counted by DuckDB
+    reading the same rows and counting them with bincount while the scan runs (placement_replay.stream_sql)
+    takes about half that. A layer whose id × expert space outgrows DENSE_CELLS is counted by DuckDB
     instead (fold returns None).
     """
 
@@ -67,11 +69,12 @@ class _DenseCounts:
         self.top1: dict[int, np.ndarray] = {}
 
     @classmethod
-    def fold(cls, reader) -> pd.DataFrame | None:
+    def fold(cls, batches) -> pd.DataFrame | None:
+        """The counts of batches (dicts of layer, token_id, expert, slot arrays), or None past DENSE_CELLS."""
         counts = cls()
-        for batch in reader:
-            layer, x, expert, slot = (batch.column(i).to_numpy() for i in range(4))
-            if not counts.add(layer, x, expert, slot):
+        for c in batches:
+            if not counts.add(c["layer"], c["token_id"], c["expert"], c["slot"]):
+                batches.close()  # stops the scan
                 return None
         return counts.frame()
 

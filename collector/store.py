@@ -476,16 +476,6 @@ class Store(AlertRecords):
     def arrow(self, query: str, params: Sequence[Any] | dict | None = None, *, run: str | None = None) -> pa.Table:
         return self._query(lambda con: con.sql(query, params=params or None).to_arrow_table(), run, _named_tables(query))
 
-    def consume(self, query: str, params: Sequence[Any] | dict | None, fn, *, run: str | None = None,
-                batch_rows: int = 1 << 20):
-        """fn(a pyarrow RecordBatchReader of the query's rows): rows folded as DuckDB makes them, never all held.
-
-        With the retries of sql(); after a bad segment is quarantined fn is called again on a
-        fresh reader, so it must start its result anew each call.
-        """
-        return self._query(lambda con: fn(con.sql(query, params=params or None).to_arrow_reader(batch_rows)), run,
-                           _named_tables(query))
-
     # ---------------------------------------------------------------- integrity
     def verify_segments(self, run: str | None = None, *, paths: list[str] | None = None) -> list[dict]:
         """Read the footer of each live segment (of `run`, or the given relative paths); quarantine unreadable ones.

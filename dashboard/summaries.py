@@ -75,34 +75,28 @@ def run_health(store: Store, run: str, *, firing: int = 0, now: float | None = N
     (summed over layers), drop rate, alerts firing, recording status; from the rows of `ranks` only when given
     (alerts, status and routing rows stay the run's)."""
     with store.reading(run):  # one segment listing and one connection for the run's seven metric calls
-        return _run_health(store, run, firing=firing, now=now, last_write=last_write, routing_rows=routing_rows,
-                           ranks=ranks)
-
-
-def _run_health(store: Store, run: str, *, firing: int, now: float | None, last_write: float | None,
-                routing_rows: int, ranks: list[int] | None) -> dict:
-    now = time.time() if now is None else now
-    phase = series_phase(store, run)
-    last = last_step(store, run, phase, ranks)
-    row = {"run": run, "phase": phase or "all", "last_step": last, "window_steps": WINDOW_STEPS, "maxvio": None,
-           "dead_experts": None, "drop_rate": None, "collapse": None, "alerts_firing": int(firing), "last_write": _finite(last_write),
-           "routing_rows": int(routing_rows)}
-    ledger = store.ledger(run)
-    row["status"] = status(row["last_write"], bool(len(ledger)) and bool(ledger["closed"].all()), now)
-    if last is None:
+        now = time.time() if now is None else now
+        phase = series_phase(store, run)
+        last = last_step(store, run, phase, ranks)
+        row = {"run": run, "phase": phase or "all", "last_step": last, "window_steps": WINDOW_STEPS, "maxvio": None,
+               "dead_experts": None, "drop_rate": None, "collapse": None, "alerts_firing": int(firing),
+               "last_write": _finite(last_write), "routing_rows": int(routing_rows)}
+        ledger = store.ledger(run)
+        row["status"] = status(row["last_write"], bool(len(ledger)) and bool(ledger["closed"].all()), now)
+        if last is None:
+            return row
+        steps = (last - WINDOW_STEPS + 1, last)
+        maxvio = compute_metric(store, "maxvio", run=run, steps=steps, by="window", phase=phase, ranks=ranks)
+        dead = compute_metric(store, "dead_experts", run=run, steps=steps, by="window", phase=phase, ranks=ranks)
+        drops = compute_metric(store, "drop_rate", run=run, steps=steps, by="window", phase=phase, ranks=ranks)
+        if not maxvio.empty:
+            row["maxvio"] = _finite(maxvio["maxvio_global_mean_layers"].iloc[0])
+        if not dead.empty:
+            row["dead_experts"] = int(dead["dead"].sum())
+        row["collapse"] = collapse_verdict(store, run, ranks)
+        if not drops.empty and drops["slots"].sum() > 0:
+            row["drop_rate"] = float(drops["dropped"].sum() / drops["slots"].sum())
         return row
-    steps = (last - WINDOW_STEPS + 1, last)
-    maxvio = compute_metric(store, "maxvio", run=run, steps=steps, by="window", phase=phase, ranks=ranks)
-    dead = compute_metric(store, "dead_experts", run=run, steps=steps, by="window", phase=phase, ranks=ranks)
-    drops = compute_metric(store, "drop_rate", run=run, steps=steps, by="window", phase=phase, ranks=ranks)
-    if not maxvio.empty:
-        row["maxvio"] = _finite(maxvio["maxvio_global_mean_layers"].iloc[0])
-    if not dead.empty:
-        row["dead_experts"] = int(dead["dead"].sum())
-    row["collapse"] = collapse_verdict(store, run, ranks)
-    if not drops.empty and drops["slots"].sum() > 0:
-        row["drop_rate"] = float(drops["dropped"].sum() / drops["slots"].sum())
-    return row
 
 
 def runs_health(store: Store, now: float | None = None, ranks: list[int] | None = None) -> pd.DataFrame:
