@@ -15,7 +15,9 @@ one replay stream.
 Cost. Rows are read once, unsorted, as one 64-bit token-order key per row (built by DuckDB
 from the columns' ranges in the segment footers). Rows that come out of the segments in key
 order already (the probe writes them so) are taken as they are, checked a chunk at a time;
-others are sorted in numpy. LRU is exact for every cache size from one pass of stack
+others are sorted in numpy. Where every segment's footer says its rows were written in token
+order (collector/token_order.py) and a rank's segments do not overlap in steps, the key is
+only (layer, rank, step): half the columns to read. LRU is exact for every cache size from one pass of stack
 distances (Mattson et al. 1970), counted per (step, distance) by a C kernel (cache_kernels;
 numpy without a C compiler). LFU is not a stack algorithm: each size is its own sequential
 replay, exact, counted per step in C (Python without a compiler). The LRU pass and the LFU
@@ -30,11 +32,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from moescope.analysis import cache_kernels
 from moescope.analysis.memo import BoundedMemo, segments_key
 from moescope.analysis.placement_replay import sum_by_value
 from moescope.analysis.query import Scope, check_options
+from moescope.collector import token_order
 from moescope.collector.store import sql_list
 
 # Columns of the replay order after layer and rank, most significant first (checkpoint is coded separately).
@@ -80,15 +84,6 @@ def _stack_distances(x_n: np.ndarray) -> np.ndarray:
         distance_n[1:] += last[:-1] > after
     distance_n[prev_n < 0] = -1
     return distance_n
-
-
-def _distinct(ids: np.ndarray, num_ids: int) -> int:
-    """How many of the ids 0..num_ids-1 occur, counted a slice at a time: bincount widens its input to 64 bits,
-    and a fresh whole-stream copy costs more in page faults than the counting."""
-    seen = np.zeros(num_ids, dtype=bool)
-    for lo in range(0, len(ids), 1 << 20):
-        seen |= np.bincount(ids[lo:lo + (1 << 20)], minlength=num_ids) > 0
-    return int(np.count_nonzero(seen))
 
 
 def _dense_ids(x_n: np.ndarray) -> tuple[np.ndarray, int]:
@@ -240,15 +235,25 @@ class Stream:
         self.layer, self.rank, self.step_u, self.step_n = layer, rank, step_u, step_n
         ids, self.num_ids = _dense_ids(np.asarray(experts))
         self.ids = ids.astype(np.int16 if self.num_ids <= 1 << 15 else np.int32, copy=False)
-        self.distinct = _distinct(self.ids, self.num_ids)
         self._lru_cum: np.ndarray | None = None
         self._lfu: dict[int, np.ndarray] = {}
 
+    @property
+    def distinct(self) -> int:
+        """The experts the stream uses: its first accesses, the LRU counts' last column."""
+        if self._lru_cum is None:
+            self._count_lru()
+        return int(self._lru_cum[:, -1].sum() - self._lru_cum[:, -2].sum()) if self.num_ids else 0
+
     def missing(self, sizes: list[int]) -> list:
-        """The replays (callables) that answering these sizes needs and this stream has not run yet."""
-        jobs = [self._count_lru] if self._lru_cum is None else []
-        return jobs + [lambda size=size: self._replay_lfu(size) for size in sizes
-                       if 1 < size < self.distinct and size not in self._lfu]
+        """The replays (callables) that answering these sizes needs and this stream has not run yet. Before the
+        LRU pass, which counts the experts used, every expert counts: a size the stream turns out to fill whole
+        is replayed for nothing, and gives the same hits. Longest first (larger LFU caches, then the LRU pass, the
+        fastest), so threads finish together."""
+        used = self.num_ids if self._lru_cum is None else self.distinct
+        lfu = [lambda size=size: self._replay_lfu(size) for size in sorted(set(sizes), reverse=True)
+               if 1 < size < used and size not in self._lfu]
+        return lfu + ([self._count_lru] if self._lru_cum is None else [])
 
     def lru(self, size: int) -> np.ndarray:
         """LRU hits per step of a cache of `size`."""
@@ -407,28 +412,32 @@ class _OrderKey:
         files = store.segment_paths("routing", scope.run)
         if not files or not layers:
             return None
-        con = store.connect(scope.run, tables=())
-        try:
-            names = ", ".join(f"'{c}'" for c in ("rank", *_ORDER) if c != "checkpoint")
-            stats = con.sql(f"""SELECT file_name, path_in_schema, min(TRY_CAST(stats_min_value AS BIGINT)),
-                                       max(TRY_CAST(stats_max_value AS BIGINT)), count(*) - count(stats_min_value)
-                                FROM parquet_metadata({sql_list(files)}) WHERE path_in_schema IN ({names})
-                                GROUP BY ALL""").fetchall()
-        finally:
-            con.close()
-        if any(missing or lo is None or hi is None for _, _, lo, hi, missing in stats):
+        footers = _footers(store, scope.run, files)
+        if any(footers[f][0] is None for f in files):
             return None
-        per_file: dict[str, dict[str, tuple[int, int]]] = {}
-        for name, col, lo, hi, _ in stats:
-            per_file.setdefault(name, {})[col] = (int(lo), int(hi))
-        if set(per_file) != set(files) or any(len(cols) != 6 for cols in per_file.values()):
-            return None
+        per_file = {f: footers[f][0] for f in files}
+        flagged = {f for f in files if footers[f][1]}
         ranges = {col: (min(f[col][0] for f in per_file.values()), max(f[col][1] for f in per_file.values()))
                   for col in next(iter(per_file.values()))}
         if scope.steps is not None:  # the window narrows the step range
             ranges["step"] = (max(ranges["step"][0], scope.steps[0]), min(ranges["step"][1], scope.steps[1]))
             if ranges["step"][0] > ranges["step"][1]:
                 ranges["step"] = (scope.steps[0], scope.steps[0])
+        layer_index = "CASE layer " + " ".join(f"WHEN {int(x)} THEN {i}" for i, x in enumerate(layers)) + " END"
+        rank_bits = (ranges["rank"][1] - ranges["rank"][0]).bit_length()
+        layer_bits = (len(layers) - 1).bit_length()
+        step_bits = (int(ranges["step"][1]) - int(ranges["step"][0])).bit_length()
+        # Read in order of (rank, step) ranges: each segment's rows are usually in token order, so rows come out sorted.
+        in_order = sorted(files, key=lambda f: (per_file[f]["rank"], per_file[f]["step"], f))
+        if _presorted(in_order, per_file, flagged) and step_bits + rank_bits + layer_bits <= 62:
+            # Rows come out in token order: (stream, step) is key enough, and only layer, rank and step are read.
+            coarse = [f"(step - {int(ranges['step'][0])})::BIGINT"]
+            if rank_bits:
+                coarse.append(f"((rank - {int(ranges['rank'][0])})::BIGINT << {step_bits})")
+            if layer_bits:
+                coarse.append(f"({layer_index}::BIGINT << {step_bits + rank_bits})")
+            return _OrderKey(" | ".join(coarse), list(layers), int(ranges["rank"][0]), rank_bits,
+                             int(ranges["step"][0]), 0, step_bits, step_bits, in_order)
         checkpoints = [] if scope.checkpoint is not None else sorted(store.sql(
             f"SELECT DISTINCT checkpoint FROM expert_step WHERE {where}", params, run=scope.run).checkpoint.dropna())
         parts = []  # (sql value from 0, bits), least significant first
@@ -440,8 +449,6 @@ class _OrderKey:
                 continue
             lo, hi = ranges[col]
             parts.append((f"({col} - {int(lo)})", (int(hi) - int(lo)).bit_length()))
-        rank_bits = (ranges["rank"][1] - ranges["rank"][0]).bit_length()
-        layer_bits = (len(layers) - 1).bit_length()
         below = sum(b for _, b in parts)
         if below + rank_bits + layer_bits > 62:
             return None
@@ -452,15 +459,83 @@ class _OrderKey:
             if bits:
                 terms.append(f"({value}::BIGINT << {shift})" if shift else f"{value}::BIGINT")
             shift += bits
-        layer_index = "CASE layer " + " ".join(f"WHEN {int(x)} THEN {i}" for i, x in enumerate(layers)) + " END"
         if rank_bits:
             terms.append(f"((rank - {int(ranges['rank'][0])})::BIGINT << {shift})")
         if layer_bits:
             terms.append(f"({layer_index}::BIGINT << {shift + rank_bits})")
-        step_bits = (int(ranges["step"][1]) - int(ranges["step"][0])).bit_length()
-        # Read in order of (rank, step) ranges: each segment's rows are usually in token order, so rows come out sorted.
-        in_order = sorted(files, key=lambda f: (per_file[f]["rank"], per_file[f]["step"], f))
         return _OrderKey(" | ".join(terms) or "0::BIGINT", list(layers), int(ranges["rank"][0]), rank_bits,
                          int(ranges["step"][0]), step_shift, step_bits, shift, in_order)
+
+
+# What a routing segment's footer says (its files never change, and each has a name of its own): the ranges of
+# the replay order's columns, None when a statistic is missing, and whether it records token order.
+FOOTERS = BoundedMemo(1 << 16)  # entries, one per segment
+_RANGED = ("rank", *(c for c in _ORDER if c != "checkpoint"))
+
+
+def _footers(store, run: str, files: list[str]) -> dict[str, tuple[dict | None, bool]]:
+    found = {f: FOOTERS.get(f) for f in files}
+    todo = [f for f, v in found.items() if v is None]
+    if todo:
+        for f, facts in (_remote_footers(store, run, todo) if store.remote else _local_footers(todo)).items():
+            FOOTERS.put(f, facts, 1)
+            found[f] = facts
+    return found
+
+
+def _local_footers(files: list[str]) -> dict[str, tuple[dict | None, bool]]:
+    """pyarrow reads a footer in a fraction of the time DuckDB's parquet_metadata takes over the same files."""
+    out = {}
+    for f in files:
+        meta = pq.read_metadata(f)
+        names = [meta.schema.column(j).path for j in range(meta.num_columns)]
+        ranges: dict | None = {}
+        for col in _RANGED:
+            if col not in names or not meta.num_row_groups:
+                ranges = None
+                break
+            j = names.index(col)
+            stats = [meta.row_group(i).column(j).statistics for i in range(meta.num_row_groups)]
+            if any(st is None or not st.has_min_max for st in stats):
+                ranges = None
+                break
+            ranges[col] = (min(int(st.min) for st in stats), max(int(st.max) for st in stats))
+        kv = meta.metadata or {}
+        out[f] = (ranges, kv.get(token_order.KEY.encode()) == token_order.VALUE.encode())
+    return out
+
+
+def _remote_footers(store, run: str, files: list[str]) -> dict[str, tuple[dict | None, bool]]:
+    """Objects' footers through DuckDB, which reads them with the store's filesystem."""
+    con = store.connect(run, tables=())
+    try:
+        names = ", ".join(f"'{c}'" for c in _RANGED)
+        stats = con.sql(f"""SELECT file_name, path_in_schema, min(TRY_CAST(stats_min_value AS BIGINT)),
+                                   max(TRY_CAST(stats_max_value AS BIGINT)), count(*) - count(stats_min_value)
+                            FROM parquet_metadata({sql_list(files)}) WHERE path_in_schema IN ({names})
+                            GROUP BY ALL""").fetchall()
+        flagged = {name for name, key, value in con.sql(
+            f"SELECT file_name, key, value FROM parquet_kv_metadata({sql_list(files)})").fetchall()
+            if key == token_order.KEY.encode() and value == token_order.VALUE.encode()}
+    finally:
+        con.close()
+    ranges: dict[str, dict | None] = {f: {} for f in files}
+    for name, col, lo, hi, missing in stats:
+        if ranges.get(name) is not None:
+            ranges[name] = None if missing or lo is None or hi is None else {**ranges[name], col: (int(lo), int(hi))}
+    return {f: (r if r is not None and len(r) == len(_RANGED) else None, f in flagged) for f, r in ranges.items()}
+
+
+def _presorted(in_order: list[str], per_file: dict, flagged: set[str]) -> bool:
+    """Whether the segments, read in this order, give every (layer, rank) stream's rows in token order: each was
+    written in token order with one rank and one checkpoint (collector/token_order.py), and a rank's segments cover
+    disjoint step ranges, ascending."""
+    last_step: dict[int, int] = {}
+    for f in in_order:
+        (rank, rank_hi), (lo, hi) = per_file[f]["rank"], per_file[f]["step"]
+        if f not in flagged or rank != rank_hi or lo <= last_step.get(rank, lo - 1):
+            return False
+        last_step[rank] = hi
+    return True
 
 

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moescope.collector.row_groups import by_layer
+from moescope.collector.token_order import TokenOrder
 from moescope.schema import is_string_dictionary
 
 # Fresh per-frame segments are written fast (ingest is bound by this write); compaction
@@ -350,9 +351,12 @@ def _write_table(table: pa.Table, sink, options: dict) -> None:
     # Arrow schema in the footer, so every reader gets plain strings back as from any other segment.
     kept = any(is_string_dictionary(f.type) for f in table.schema)
     groups = by_layer(table)
+    order = TokenOrder(table.schema)
     with pq.ParquetWriter(sink, table.schema, use_dictionary=strings, store_schema=not kept, **options) as writer:
         for group in groups:
+            order.feed(group)
             writer.write_table(group)
+        writer.add_key_value_metadata(order.metadata())
 
 
 def _parquet_bytes(table: pa.Table, options: dict) -> bytes:
@@ -366,9 +370,11 @@ def _write_parts(parts: Iterable[pa.Table], schema: pa.Schema, sink, options: di
     rows, then written as row groups by layer (row_groups.by_layer): one input in memory at a time, or a few small ones."""
     strings = [f.name for f in schema if pa.types.is_string(f.type)]
     rows = 0
+    order = TokenOrder(schema)
     with pq.ParquetWriter(sink, schema, use_dictionary=strings, **options) as writer:
         def flush(pending: list[pa.Table]) -> None:
             for group in by_layer(pa.concat_tables(pending)):
+                order.feed(group)
                 writer.write_table(group)
 
         pending: list[pa.Table] = []
@@ -382,4 +388,5 @@ def _write_parts(parts: Iterable[pa.Table], schema: pa.Schema, sink, options: di
                 pending, held = [], 0
         if pending:
             flush(pending)
+        writer.add_key_value_metadata(order.metadata())
     return rows

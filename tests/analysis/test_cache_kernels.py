@@ -35,7 +35,7 @@ def test_kernels_and_fallbacks_equal_a_plain_simulation():
 
 
 @pytest.mark.parametrize("dtype", [np.int16, np.int32])
-@pytest.mark.parametrize("experts", [1, 5, 16, 17, 40])  # up to 16 ids the LRU kernel counts, beyond it walks a list
+@pytest.mark.parametrize("experts", [1, 5, 8, 9, 16, 17, 40])  # LRU: up to 8 ids in 64 bits, 16 in 128, beyond a list
 def test_per_step_kernels_equal_a_plain_simulation_summed_per_step(dtype, experts):
     rng = np.random.default_rng(experts)
     for _ in range(12):
@@ -108,6 +108,15 @@ def expected_rates(rows, sizes, steps=None):
     return out
 
 
+def assert_rates_expected(store, run, rows, sizes, windows=(None, (1, 2))):
+    for steps in windows:
+        df = compute_metric(store, "expert_cache", run, cache_sizes=sizes, steps=steps)
+        want = expected_rates(rows, sizes, steps)
+        assert len(df) == len(want)
+        for r in df.itertuples():
+            assert (r.lru_hit_rate, r.lfu_hit_rate) == pytest.approx(want[r.layer, r.cache_size])
+
+
 @pytest.mark.parametrize("path", ["order key", "sorted by DuckDB", "no C compiler"])
 def test_hit_rates_follow_token_order_over_ranks_checkpoints_and_microbatches(store, monkeypatch, path):
     rows = write_frames(store, "mixed", np.random.default_rng(3))
@@ -116,12 +125,7 @@ def test_hit_rates_follow_token_order_over_ranks_checkpoints_and_microbatches(st
     if path == "no C compiler":
         monkeypatch.setattr(cache_kernels, "kernel", lambda: None)
     ec.STREAMS.clear()
-    sizes = [1, 2, 3, 5]
-    for steps in (None, (1, 2)):
-        df = compute_metric(store, "expert_cache", "mixed", cache_sizes=sizes, steps=steps)
-        want = expected_rates(rows, sizes, steps)
-        for r in df.itertuples():
-            assert (r.lru_hit_rate, r.lfu_hit_rate) == pytest.approx(want[r.layer, r.cache_size])
+    assert_rates_expected(store, "mixed", rows, [1, 2, 3, 5])
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
@@ -159,3 +163,30 @@ def test_streams_are_read_once_until_the_run_writes_again(store, monkeypatch):
     df = compute_metric(store, "expert_cache", "grow", cache_sizes=[2])
     want = expected_rates(rows + more, [2])
     assert [(r.lru_hit_rate, r.lfu_hit_rate) for r in df.itertuples()] == pytest.approx([want[0, 2], want[1, 2]])
+
+
+def planned(monkeypatch) -> list:
+    plans = []
+    plan = ec._OrderKey.plan
+    monkeypatch.setattr(ec._OrderKey, "plan", staticmethod(lambda *a: plans.append(plan(*a)) or plans[-1]))
+    return plans
+
+
+def test_segments_recorded_in_token_order_are_read_by_layer_rank_and_step_alone(store, monkeypatch):
+    rows = write_frames(store, "flagged", np.random.default_rng(8), checkpoints=("a",), shuffle=False)
+    plans = planned(monkeypatch)
+    ec.STREAMS.clear()
+    assert_rates_expected(store, "flagged", rows, [1, 2, 3, 5])
+    assert plans and all(p.step_shift == 0 and "pos" not in p.sql and "slot" not in p.sql for p in plans)
+
+
+def test_a_ranks_segments_that_overlap_in_steps_are_read_with_the_full_token_key(store, monkeypatch):
+    # Each segment is in token order, but two cover the same steps (checkpoints a and b): order between them is
+    # the checkpoint's, which only the full key knows.
+    rows = write_frames(store, "overlap", np.random.default_rng(9), ranks=1, checkpoints=("a",), shuffle=False)
+    rows += write_frames(store, "overlap", np.random.default_rng(10), ranks=1, checkpoints=("b",), shuffle=False,
+                         producer="q")
+    plans = planned(monkeypatch)
+    ec.STREAMS.clear()
+    assert_rates_expected(store, "overlap", rows, [2, 3], windows=(None,))
+    assert plans and all("pos" in p.sql for p in plans)
