@@ -38,6 +38,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("utilisation", balance.utilisation, "expert_step", "step", "load over fair share"),
     Metric("dead_experts", balance.dead_experts, "expert_step", "window", "dead and starved experts"),
     Metric("drop_rate", balance.drop_rate, "expert_step", "step", "dropped slots over all slots"),
+    Metric("balance", balance.balance, "expert_step", "step", "maxvio, cv, switch_score and drop_rate from one read"),
     Metric("predicted_drops", whatif.predicted_drops, "expert_step", "window", "drops under other capacity factors"),
     Metric("placement", placement.placement, "expert_step", "step", "expert placement over EP devices: balance, all-to-all bytes"),
     Metric("device_load", device_load.device_load, "expert_step", "step", "tokens per device under the run's expert -> device map; balancedness"),

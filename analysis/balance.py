@@ -7,6 +7,7 @@ Every expert of a layer is present in the output, with load 0 when it got nothin
 """
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from moescope.analysis.query import Scope, check_options, expert_load_sql
@@ -15,6 +16,14 @@ from moescope.analysis.query import Scope, check_options, expert_load_sql
 def _order(scope: Scope, *extra: str) -> str:
     cols = (["step"] if scope.by == "step" else []) + ["layer", *extra]
     return ", ".join(cols)
+
+
+# Per (step?, layer) aggregates over the `load` CTE (expert_load_sql), shared by the metrics and `balance`.
+_SWITCH = "any_value(E) * sum(top1 * prob) / nullif(sum(top1) * any_value(T), 0) AS switch_score, any_value(T)::BIGINT AS tokens"
+_MAXVIO = "(max(load) - avg(load)) / nullif(avg(load), 0) AS maxvio"
+_CV = "stddev_pop(load) / nullif(avg(load), 0) AS cv"
+_DROPS = ("sum(load)::BIGINT AS slots, sum(dropped)::BIGINT AS dropped, "
+          "sum(dropped) / nullif(sum(load), 0) AS drop_rate")
 
 
 def load_share(store, scope: Scope, meta: pd.DataFrame, **options) -> pd.DataFrame:
@@ -31,6 +40,30 @@ def load_share(store, scope: Scope, meta: pd.DataFrame, **options) -> pd.DataFra
         FROM load ORDER BY {_order(scope, 'expert')}""", params, run=scope.run)
 
 
+def load_arrays(store, scope: Scope, meta: pd.DataFrame) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per layer: the steps with any load, and load_share's `load` at those steps as a (steps × E) array.
+
+    The same sums as load_share by step, gathered straight into arrays: a fit over every
+    step of every layer (collapse) reads 64 × 256 experts per step without a table of them.
+    """
+    where, params = scope.where()
+    tab = store.arrow(f"SELECT step, layer, expert, sum(tokens)::DOUBLE AS load FROM expert_step WHERE {where} "
+                      "GROUP BY ALL", params, run=scope.run)
+    step, layer, expert, load = (tab.column(c).to_numpy() for c in ("step", "layer", "expert", "load"))
+    out = {}
+    for lay, e in zip(meta.layer.astype(int), meta.E.astype(int)):
+        if scope.layers is not None and lay not in scope.layers:
+            continue
+        keep = (layer == lay) & (expert >= 0) & (expert < e)
+        steps, row = np.unique(step[keep], return_inverse=True)
+        load_SE = np.zeros((len(steps), e))
+        load_SE[row, expert[keep]] = load[keep]
+        busy = load_SE.sum(1) > 0
+        if busy.any():
+            out[lay] = steps[busy].astype(np.int64), load_SE[busy]
+    return out
+
+
 def switch_score(store, scope: Scope, meta: pd.DataFrame, **options) -> pd.DataFrame:
     """Switch balance score E · Σ_i f_i · P_i (Switch Transformer, Fedus et al. 2021, Eq. 4–6).
 
@@ -41,16 +74,13 @@ def switch_score(store, scope: Scope, meta: pd.DataFrame, **options) -> pd.DataF
     check_options("switch_score", options, set())
     cte, params = expert_load_sql(scope, meta)
     return store.sql(cte + f"""
-        SELECT {scope.step_key} layer, any_value(E) * sum(top1 * prob) / nullif(sum(top1) * any_value(T), 0) AS switch_score,
-               any_value(T)::BIGINT AS tokens
-        FROM load GROUP BY ALL ORDER BY {_order(scope)}""", params, run=scope.run)
+        SELECT {scope.step_key} layer, {_SWITCH} FROM load GROUP BY ALL ORDER BY {_order(scope)}""", params, run=scope.run)
 
 
 def _maxvio_sql(scope: Scope, meta) -> tuple[str, list]:
     cte, params = expert_load_sql(scope, meta)
     return cte + f"""
-        SELECT {scope.step_key} layer, (max(load) - avg(load)) / nullif(avg(load), 0) AS maxvio
-        FROM load GROUP BY ALL ORDER BY {_order(scope)}""", params
+        SELECT {scope.step_key} layer, {_MAXVIO} FROM load GROUP BY ALL ORDER BY {_order(scope)}""", params
 
 
 def maxvio(store, scope: Scope, meta: pd.DataFrame, **options) -> pd.DataFrame:
@@ -87,7 +117,20 @@ def cv(store, scope: Scope, meta: pd.DataFrame, **options) -> pd.DataFrame:
     check_options("cv", options, set())
     cte, params = expert_load_sql(scope, meta)
     return store.sql(cte + f"""
-        SELECT {scope.step_key} layer, stddev_pop(load) / nullif(avg(load), 0) AS cv
+        SELECT {scope.step_key} layer, {_CV} FROM load GROUP BY ALL ORDER BY {_order(scope)}""", params, run=scope.run)
+
+
+def balance(store, scope: Scope, meta: pd.DataFrame, **options) -> pd.DataFrame:
+    """maxvio, cv, switch_score and drop_rate together, each as its own metric defines it, from one read.
+
+    For a page that charts all four: each alone reads expert_step and joins every (step,
+    layer, expert) again. Columns: [step,] layer, maxvio, cv, switch_score, tokens, slots,
+    dropped, drop_rate.
+    """
+    check_options("balance", options, set())
+    cte, params = expert_load_sql(scope, meta)
+    return store.sql(cte + f"""
+        SELECT {scope.step_key} layer, {_MAXVIO}, {_CV}, {_SWITCH}, {_DROPS}
         FROM load GROUP BY ALL ORDER BY {_order(scope)}""", params, run=scope.run)
 
 
@@ -143,9 +186,7 @@ def drop_rate(store, scope: Scope, meta: pd.DataFrame, position_buckets: int | N
     if position_buckets is None:
         cte, params = expert_load_sql(scope, meta)
         return store.sql(cte + f"""
-            SELECT {scope.step_key} layer, sum(load)::BIGINT AS slots, sum(dropped)::BIGINT AS dropped,
-                   sum(dropped) / nullif(sum(load), 0) AS drop_rate
-            FROM load GROUP BY ALL ORDER BY {_order(scope)}""", params, run=scope.run)
+            SELECT {scope.step_key} layer, {_DROPS} FROM load GROUP BY ALL ORDER BY {_order(scope)}""", params, run=scope.run)
     if isinstance(position_buckets, bool) or not isinstance(position_buckets, int) or position_buckets < 1:
         raise ValueError(f"position_buckets must be a positive int, got {position_buckets!r}")
     where, params = scope.where()

@@ -401,23 +401,20 @@ def _judged(store, scope: Scope, meta: pd.DataFrame, settings: Settings) -> list
 
 
 def layer_series(store, scope: Scope, meta: pd.DataFrame) -> list[LayerSeries]:
-    """Per-layer step series from the load_share, entropy and margin metrics (no SQL of its own)."""
+    """Per-layer step series from the load (as load_share counts it), entropy and margin metrics (no SQL of its own)."""
     step_scope = Scope(**{**resolve_phase(store, scope).__dict__, "by": "step"})
-    loads = balance.load_share(store, step_scope, meta)
+    loads = balance.load_arrays(store, step_scope, meta)
     ent = health.entropy(store, step_scope, meta, quantiles=False)
     mar = health.margin(store, step_scope, meta, quantiles=False)
     k_of = dict(zip(meta.layer.astype(int), meta.k.astype(int)))
+    ent_by, mar_by = dict(tuple(ent.groupby("layer"))), dict(tuple(mar.groupby("layer")))
+    empty = pd.DataFrame({"step": [], "mean": []})
     out = []
-    for layer, df in loads.groupby("layer", sort=True):
-        load = df.pivot(index="step", columns="expert", values="load").sort_index().fillna(0.0)
-        load = load[load.sum(axis=1) > 0]
-        if load.empty:
-            continue
-        steps = load.index.to_numpy(dtype=np.int64)
-        e_mean = ent[ent.layer == layer].set_index("step")["mean"].reindex(steps).to_numpy(dtype=float)
-        m_mean = mar[mar.layer == layer].set_index("step")["mean"].reindex(steps).to_numpy(dtype=float)
-        out.append(LayerSeries(int(layer), int(k_of.get(int(layer), 1)), steps, load.to_numpy(dtype=float), e_mean,
-                               m_mean))
+    for layer in sorted(loads):
+        steps, load_NE = loads[layer]
+        e_mean = ent_by.get(layer, empty).set_index("step")["mean"].reindex(steps).to_numpy(dtype=float)
+        m_mean = mar_by.get(layer, empty).set_index("step")["mean"].reindex(steps).to_numpy(dtype=float)
+        out.append(LayerSeries(int(layer), int(k_of.get(int(layer), 1)), steps, load_NE, e_mean, m_mean))
     return out
 
 

@@ -80,9 +80,9 @@ def vocab_specialisation(store, scope: Scope, meta: pd.DataFrame, *, next_token:
     sk = scope.step_key
     if not next_token and not sk and scope.steps is None:
         # The whole run as one window: counts kept per segment read, so a refresh reads only new segments.
-        counts = vocab_counts.whole_run_counts(store, scope.run, where, params)
-        if counts is not None:
-            return vocab_counts.shares(counts, "token_id", min_count, top)
+        answer = vocab_counts.whole_run_shares(store, scope.run, where, params, min_count, top)
+        if answer is not None:
+            return answer
     if next_token:
         # Next id within the same sequence, only where the next position was recorded.
         source = f"""

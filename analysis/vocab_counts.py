@@ -26,21 +26,45 @@ def whole_run_counts(store, run: str, where: str, params: list) -> pd.DataFrame 
     `where` must not filter steps (counts are per whole segment). None when a segment
     cannot be read directly; the caller then counts through the store's views.
     """
+    kept = _kept(store, run, where, params)
+    return None if kept is None else kept[1]
+
+
+def whole_run_shares(store, run: str, where: str, params: list, min_count: int, top: int | None) -> pd.DataFrame | None:
+    """shares() of whole_run_counts, kept with the counts: a refresh of the page with no new segment computes
+    nothing. A copy, so a caller's changes stay its own."""
+    kept = _kept(store, run, where, params)
+    if kept is None:
+        return None
+    answers = kept[2]
+    if (min_count, top) not in answers:
+        if len(answers) >= KEPT_ANSWERS:
+            answers.pop(next(iter(answers)))
+        answers[min_count, top] = shares(kept[1], "token_id", min_count, top)
+    return answers[min_count, top].copy()
+
+
+# Answers kept per counts: a few (min_count, top) views of one run.
+KEPT_ANSWERS = 4
+
+
+def _kept(store, run: str, where: str, params: list) -> tuple[frozenset, pd.DataFrame, dict] | None:
+    """(segments counted, counts, shares answered from them), read through what is kept."""
     files = store.segment_paths("routing", run)
     key = (str(store.root), run, where, tuple(params))
-    covered, counts = KEPT.get(key) or (frozenset(), None)
-    if not covered <= set(files):
-        covered, counts = frozenset(), None
+    kept = KEPT.get(key)
+    if kept is not None and kept[0] <= set(files) and not set(files) - kept[0]:
+        return kept
+    covered, counts = (kept[0], kept[1]) if kept is not None and kept[0] <= set(files) else (frozenset(), None)
     todo = [f for f in files if f not in covered]
-    if todo or counts is None:
-        try:
-            fresh = _count(store, run, todo, where, params) if todo else _empty()
-        except duckdb.Error:
-            return None
-        counts = fresh if counts is None else _merge(counts, fresh)
-        covered = covered | frozenset(todo)
-        KEPT.put(key, (covered, counts), len(counts))
-    return counts
+    try:
+        fresh = _count(store, run, todo, where, params) if todo else _empty()
+    except duckdb.Error:
+        return None
+    counts = fresh if counts is None else _merge(counts, fresh)
+    kept = (covered | frozenset(todo), counts, {})
+    KEPT.put(key, kept, len(counts))
+    return kept
 
 
 def _count(store, run: str, files: list[str], where: str, params: list) -> pd.DataFrame:
@@ -91,10 +115,10 @@ class _DenseCounts:
             routed = self._fit(layer, int(x.max()) + 1, int(e.max()) + 1)
             if routed is None:
                 return False
-            cells, width = routed.size, routed.shape[1]
+            width = routed.shape[1]
             key = x.astype(np.int64) * width + e
-            routed += np.bincount(key, minlength=cells).reshape(routed.shape)
-            self.top1[layer] += np.bincount(key[top], minlength=cells).reshape(routed.shape)
+            _count_into(routed, key)
+            _count_into(self.top1[layer], key[top])
         return True
 
     def _fit(self, layer: int, ids: int, experts: int) -> np.ndarray | None:
@@ -124,6 +148,16 @@ class _DenseCounts:
                                        "expert": e.astype(np.int16), "routed": routed[x, e],
                                        "top1": self.top1[layer][x, e]}))
         return pd.concat(parts, ignore_index=True) if parts else _empty()
+
+
+def _count_into(counts: np.ndarray, key: np.ndarray) -> None:
+    """counts.flat[k] += how often k occurs in key. bincount makes an array of every cell: for a batch with far fewer
+    rows than cells (a wide vocabulary, one layer's rows of a segment) sorting the batch's keys costs less."""
+    if len(key) * 16 < counts.size:
+        cells, n = np.unique(key, return_counts=True)
+        counts.reshape(-1)[cells] += n
+    else:
+        counts += np.bincount(key, minlength=counts.size).reshape(counts.shape)
 
 
 def _empty() -> pd.DataFrame:

@@ -52,12 +52,12 @@ def mean_over_layers(df: pd.DataFrame, metric: str) -> pd.DataFrame:
 def run_series(store, run: str, layer: int | None, steps, phase: str | None,
                ranks: list[int] | None = None) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
     """Per metric, the step series of one run (the layer's, or the mean over layers), and MaxVio of every layer."""
-    maxvio = compute_metric(store, "maxvio", run=run, steps=steps, by="step", phase=phase, ranks=ranks)
-    layers = None if layer is None else [layer]
+    every = compute_metric(store, "balance", run=run, steps=steps, by="step", phase=phase, ranks=ranks)
+    maxvio = every[["step", "layer", "maxvio"]].assign(
+        maxvio_mean_layers=every.groupby("step")["maxvio"].transform("mean"))
     out = {}
     for metric, (column, _, _) in LINE_CHARTS.items():
-        df = maxvio if metric == "maxvio" else compute_metric(store, metric, run=run, layers=layers, steps=steps,
-                                                              by="step", phase=phase, ranks=ranks)
+        df = every[["step", "layer", column, *(["dropped", "slots"] if metric == "drop_rate" else [])]]
         if layer is not None:
             out[metric] = df[df["layer"] == layer][["step", column]]
         else:

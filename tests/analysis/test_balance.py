@@ -115,3 +115,34 @@ def test_steps_and_layers_filter_the_window(synth):
     mv = compute_metric(store, "maxvio", "synth", layers=[2, 0], steps=(10, 20))
     assert sorted(mv.step.unique()) == [10, 20] and sorted(mv.layer.unique()) == [0, 2]
     assert compute_metric(store, "maxvio", "synth", steps=(1000, 2000)).empty
+
+
+def test_load_arrays_hold_load_shares_loads_per_step_and_expert(synth):
+    from moescope.analysis import balance
+    from moescope.analysis.query import layer_meta, make_scope
+
+    store, _ = synth
+    meta = layer_meta(store, "synth")
+    for layers in (None, [1, 2]):
+        scope = make_scope("synth", layers=layers, by="step")
+        arrays = balance.load_arrays(store, scope, meta)
+        share = balance.load_share(store, scope, meta)
+        assert sorted(arrays) == sorted(share.layer.unique())
+        for layer, (steps, load_NE) in arrays.items():
+            table = share[share.layer == layer].pivot(index="step", columns="expert", values="load").fillna(0.0)
+            table = table[table.sum(axis=1) > 0]
+            assert steps.tolist() == table.index.tolist()
+            assert np.array_equal(load_NE, table.to_numpy())
+
+
+@pytest.mark.parametrize("by", ["step", "window"])
+def test_balance_holds_each_of_its_metrics_as_that_metric_computes_it(synth, by):
+    store, _ = synth
+    both = compute_metric(store, "balance", "synth", by=by)
+    keys = ["step", "layer"] if by == "step" else ["layer"]
+    for metric, columns in {"cv": ["cv"], "switch_score": ["switch_score", "tokens"],
+                            "drop_rate": ["slots", "dropped", "drop_rate"]}.items():
+        alone = compute_metric(store, metric, "synth", by=by)
+        assert both[keys + columns].equals(alone[keys + columns]), metric
+    if by == "step":  # maxvio's own by-step frame adds the mean over layers
+        assert both[keys + ["maxvio"]].equals(compute_metric(store, "maxvio", "synth", by=by)[keys + ["maxvio"]])

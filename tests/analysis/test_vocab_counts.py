@@ -72,3 +72,12 @@ def test_an_id_space_past_the_dense_bound_is_left_to_the_group_by(monkeypatch):
                     np.zeros(3, np.int8))
     assert ok and not counts.add(np.zeros(1, np.int16), np.array([60], np.int32), np.array([1], np.int16),
                                  np.zeros(1, np.int8))
+
+
+@pytest.mark.parametrize("rows", [10, 100_000])  # fewer rows than cells: sorted; more: bincount
+def test_a_batch_is_counted_into_its_cells_whichever_way_is_cheaper(rows):
+    rng = np.random.default_rng(rows)
+    key = rng.integers(0, 64 * 500, rows)
+    counts = np.ones((500, 64), np.int64)
+    vocab_counts._count_into(counts, key)
+    assert np.array_equal(counts, 1 + np.bincount(key, minlength=counts.size).reshape(counts.shape))
