@@ -143,10 +143,11 @@ class _DenseCounts:
     def frame(self) -> pd.DataFrame:
         parts = []
         for layer, routed in sorted(self.routed.items()):
-            x, e = np.nonzero(routed)
+            cells = np.flatnonzero(routed)  # row-major: (x, expert) ascending
+            x, e = np.divmod(cells, routed.shape[1])
             parts.append(pd.DataFrame({"layer": np.full(len(x), layer, np.int16), "x": x.astype(np.int32),
-                                       "expert": e.astype(np.int16), "routed": routed[x, e],
-                                       "top1": self.top1[layer][x, e]}))
+                                       "expert": e.astype(np.int16), "routed": routed.reshape(-1)[cells],
+                                       "top1": self.top1[layer].reshape(-1)[cells]}))
         return pd.concat(parts, ignore_index=True) if parts else _empty()
 
 
@@ -174,13 +175,29 @@ def _merge(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
 
 def shares(counts: pd.DataFrame, col: str, min_count: int, top: int | None) -> pd.DataFrame:
     """vocab_specialisation's window result from counts: N_x ≥ min_count, share, each expert's `top` ids."""
-    tokens = counts.groupby(["layer", "x"])["top1"].transform("sum")
-    v = counts.assign(tokens=tokens)[tokens >= min_count]
-    v = pd.DataFrame({"layer": v["layer"], col: v["x"], "expert": v["expert"], "tokens": v["tokens"].astype("int64"),
-                      "routed": v["routed"].astype("int64"), "share": v["routed"] / v["tokens"]})
+    tokens = _per_id_sum(counts)
+    keep = tokens >= min_count
+    routed = counts["routed"].to_numpy()[keep].astype(np.int64)
+    tokens = tokens[keep].astype(np.int64)
+    v = pd.DataFrame({"layer": counts["layer"].to_numpy()[keep], col: counts["x"].to_numpy()[keep],
+                      "expert": counts["expert"].to_numpy()[keep], "tokens": tokens, "routed": routed,
+                      "share": routed / tokens})
     if top:
         v = v.iloc[_top_rows(v, col, top)]
     return v.sort_values(["layer", col, "expert"], kind="stable").reset_index(drop=True)
+
+
+def _per_id_sum(counts: pd.DataFrame) -> np.ndarray:
+    """Each row's (layer, x) total of top1: the id's tokens N_x. Counts made from the dense arrays come sorted
+    by (layer, x), so their runs are summed in one pass; others are grouped."""
+    layer, x = counts["layer"].to_numpy(), counts["x"].to_numpy()
+    if len(x) > 1:
+        new = (layer[1:] != layer[:-1]) | (x[1:] != x[:-1])
+        ahead = (layer[1:] > layer[:-1]) | ((layer[1:] == layer[:-1]) & (x[1:] > x[:-1]))
+        if (ahead | ~new).all():
+            starts = np.r_[0, np.flatnonzero(new) + 1]
+            return np.repeat(np.add.reduceat(counts["top1"].to_numpy(), starts), np.diff(np.r_[starts, len(x)]))
+    return counts.groupby(["layer", "x"])["top1"].transform("sum").to_numpy()
 
 
 def _top_rows(v: pd.DataFrame, col: str, top: int) -> np.ndarray:
@@ -189,7 +206,14 @@ def _top_rows(v: pd.DataFrame, col: str, top: int) -> np.ndarray:
     A sort of every row costs seconds at millions of (id, expert) pairs; instead each group's
     top-th share is found by partition and only rows at or above it are ordered.
     """
-    group = v.groupby(["layer", "expert"], sort=False).ngroup().to_numpy()
+    if v.empty:
+        return np.zeros(0, np.int64)
+    layer, expert = v["layer"].to_numpy().astype(np.int64), v["expert"].to_numpy().astype(np.int64)
+    layer -= layer.min()
+    expert -= expert.min()
+    group = layer * (int(expert.max()) + 1) + expert
+    if group.max() < 1 << 15:
+        group = group.astype(np.int16)  # numpy's stable sort of 16-bit ints is a radix sort
     share, tokens, ids = v["share"].to_numpy(), v["tokens"].to_numpy(), v[col].to_numpy()
     by_group = np.argsort(group, kind="stable")
     bounds = np.flatnonzero(np.diff(group[by_group])) + 1

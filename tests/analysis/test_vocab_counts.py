@@ -18,8 +18,9 @@ def reference(counts: pd.DataFrame, min_count: int, top: int | None) -> pd.DataF
     return v.sort_values(["layer", "token_id", "expert"], kind="stable").reset_index(drop=True)
 
 
+@pytest.mark.parametrize("in_order", [False, True])  # as a GROUP BY returns them, or sorted as the dense counts come
 @pytest.mark.parametrize("top", [None, 1, 3, 50])
-def test_each_experts_top_ids_equal_a_full_sort_of_every_row_ties_included(top):
+def test_each_experts_top_ids_equal_a_full_sort_of_every_row_ties_included(top, in_order):
     rng = np.random.default_rng(7)
     n = 20_000
     # Few distinct counts, so many (share, tokens) ties that only the id decides.
@@ -28,6 +29,8 @@ def test_each_experts_top_ids_equal_a_full_sort_of_every_row_ties_included(top):
     counts["routed"] = rng.integers(1, 4, len(counts)).astype(np.int64)
     counts["top1"] = np.minimum(counts.routed, rng.integers(0, 3, len(counts))).astype(np.int64)
     counts = counts.sample(frac=1, random_state=1).reset_index(drop=True)  # the order a GROUP BY returns: none
+    if in_order:
+        counts = counts.sort_values(["layer", "x", "expert"]).reset_index(drop=True)
     got = shares(counts, "token_id", 2, top)
     pd.testing.assert_frame_equal(got, reference(counts, 2, top))
     if top:
