@@ -32,13 +32,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
-from moescope.analysis import cache_kernels
+from moescope.analysis import cache_kernels, segment_footers
 from moescope.analysis.memo import BoundedMemo, segments_key
 from moescope.analysis.placement_replay import sum_by_value
 from moescope.analysis.query import Scope, check_options
-from moescope.collector import token_order
 from moescope.collector.store import sql_list
 
 # Columns of the replay order after layer and rank, most significant first (checkpoint is coded separately).
@@ -412,11 +410,11 @@ class _OrderKey:
         files = store.segment_paths("routing", scope.run)
         if not files or not layers:
             return None
-        footers = _footers(store, scope.run, files)
-        if any(footers[f][0] is None for f in files):
+        found = segment_footers.footers(store, scope.run, files)
+        if not all(found[f].full() for f in files):
             return None
-        per_file = {f: footers[f][0] for f in files}
-        flagged = {f for f in files if footers[f][1]}
+        per_file = {f: found[f].ranges for f in files}
+        flagged = {f for f in files if found[f].token_order}
         ranges = {col: (min(f[col][0] for f in per_file.values()), max(f[col][1] for f in per_file.values()))
                   for col in next(iter(per_file.values()))}
         if scope.steps is not None:  # the window narrows the step range
@@ -465,65 +463,6 @@ class _OrderKey:
             terms.append(f"({layer_index}::BIGINT << {shift + rank_bits})")
         return _OrderKey(" | ".join(terms) or "0::BIGINT", list(layers), int(ranges["rank"][0]), rank_bits,
                          int(ranges["step"][0]), step_shift, step_bits, shift, in_order)
-
-
-# What a routing segment's footer says (its files never change, and each has a name of its own): the ranges of
-# the replay order's columns, None when a statistic is missing, and whether it records token order.
-FOOTERS = BoundedMemo(1 << 16)  # entries, one per segment
-_RANGED = ("rank", *(c for c in _ORDER if c != "checkpoint"))
-
-
-def _footers(store, run: str, files: list[str]) -> dict[str, tuple[dict | None, bool]]:
-    found = {f: FOOTERS.get(f) for f in files}
-    todo = [f for f, v in found.items() if v is None]
-    if todo:
-        for f, facts in (_remote_footers(store, run, todo) if store.remote else _local_footers(todo)).items():
-            FOOTERS.put(f, facts, 1)
-            found[f] = facts
-    return found
-
-
-def _local_footers(files: list[str]) -> dict[str, tuple[dict | None, bool]]:
-    """pyarrow reads a footer in a fraction of the time DuckDB's parquet_metadata takes over the same files."""
-    out = {}
-    for f in files:
-        meta = pq.read_metadata(f)
-        names = [meta.schema.column(j).path for j in range(meta.num_columns)]
-        ranges: dict | None = {}
-        for col in _RANGED:
-            if col not in names or not meta.num_row_groups:
-                ranges = None
-                break
-            j = names.index(col)
-            stats = [meta.row_group(i).column(j).statistics for i in range(meta.num_row_groups)]
-            if any(st is None or not st.has_min_max for st in stats):
-                ranges = None
-                break
-            ranges[col] = (min(int(st.min) for st in stats), max(int(st.max) for st in stats))
-        kv = meta.metadata or {}
-        out[f] = (ranges, kv.get(token_order.KEY.encode()) == token_order.VALUE.encode())
-    return out
-
-
-def _remote_footers(store, run: str, files: list[str]) -> dict[str, tuple[dict | None, bool]]:
-    """Objects' footers through DuckDB, which reads them with the store's filesystem."""
-    con = store.connect(run, tables=())
-    try:
-        names = ", ".join(f"'{c}'" for c in _RANGED)
-        stats = con.sql(f"""SELECT file_name, path_in_schema, min(TRY_CAST(stats_min_value AS BIGINT)),
-                                   max(TRY_CAST(stats_max_value AS BIGINT)), count(*) - count(stats_min_value)
-                            FROM parquet_metadata({sql_list(files)}) WHERE path_in_schema IN ({names})
-                            GROUP BY ALL""").fetchall()
-        flagged = {name for name, key, value in con.sql(
-            f"SELECT file_name, key, value FROM parquet_kv_metadata({sql_list(files)})").fetchall()
-            if key == token_order.KEY.encode() and value == token_order.VALUE.encode()}
-    finally:
-        con.close()
-    ranges: dict[str, dict | None] = {f: {} for f in files}
-    for name, col, lo, hi, missing in stats:
-        if ranges.get(name) is not None:
-            ranges[name] = None if missing or lo is None or hi is None else {**ranges[name], col: (int(lo), int(hi))}
-    return {f: (r if r is not None and len(r) == len(_RANGED) else None, f in flagged) for f, r in ranges.items()}
 
 
 def _presorted(in_order: list[str], per_file: dict, flagged: set[str]) -> bool:

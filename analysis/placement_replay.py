@@ -25,6 +25,7 @@ import threading
 
 import numpy as np
 
+from moescope.analysis import segment_footers
 from moescope.analysis.memo import BoundedMemo
 from moescope.collector.store import sql_list
 
@@ -415,11 +416,7 @@ def histogram(store, run: str, space: Space, filters: str, params: list, windows
         covered, parts = frozenset(), []
     todo = [f for f in files if f not in covered]
     if todo:
-        con = store.connect(run, tables=())
-        try:
-            ranges = _step_ranges(con, todo)
-        finally:
-            con.close()
+        ranges = {f: footer.ranges.get("step") for f, footer in segment_footers.footers(store, run, todo).items()}
         if any(ranges.get(f) is None for f in todo):
             raise NotAdjacent()
         need = [f for f in todo if any(ranges[f][0] <= hi and ranges[f][1] >= lo for lo, hi in windows)]
@@ -438,15 +435,6 @@ def histogram(store, run: str, space: Space, filters: str, params: list, windows
             covered = covered | frozenset(need)
             CACHE.put(key, (covered, parts), sum(p.size for p in parts))
     return dataclasses.replace(Counts.join(parts), source=(key, covered))
-
-
-def _step_ranges(con, files: list[str]) -> dict[str, tuple[int, int] | None]:
-    """Each segment's (min, max) step from its footer statistics; None where they are missing."""
-    rows = con.sql(f"""SELECT file_name, min(TRY_CAST(stats_min_value AS BIGINT)), max(TRY_CAST(stats_max_value AS BIGINT)),
-                              bool_and(stats_min_value IS NOT NULL AND stats_max_value IS NOT NULL)
-                       FROM parquet_metadata({sql_list(files)}) WHERE path_in_schema = 'step' GROUP BY file_name""").fetchall()
-    found = {name: (int(lo), int(hi)) if ok and lo is not None and hi is not None else None for name, lo, hi, ok in rows}
-    return {f: found.get(f) for f in files}
 
 
 def coactivation(counts: Counts, space: Space, steps: np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from ingest_helpers import free_port, make_frame, wait_until  # noqa: E402
 
-from moescope.analysis import compute_metric, expert_cache  # noqa: E402
+from moescope.analysis import compute_metric, segment_footers  # noqa: E402
 from moescope.analysis.store import AnalysisStore as Store  # noqa: E402
 from moescope.cli import main  # noqa: E402
 from moescope.collector.check import check_run  # noqa: E402
@@ -112,7 +112,7 @@ def test_ingest_query_compact_retain_and_export_on_object_storage(tmp_path, s3, 
         local.write_frame(frame)
     hits = compute_metric(store, "expert_cache", "r1", cache_sizes=[1, 2, 3])
     assert len(hits) and hits.equals(compute_metric(local, "expert_cache", "r1", cache_sizes=[1, 2, 3]))
-    assert all(expert_cache.FOOTERS.get(f)[0] for f in store.segment_paths("routing", "r1"))  # ranges read
+    assert all(segment_footers.KEPT.get(f).full() for f in store.segment_paths("routing", "r1"))  # ranges read
     local.close()
 
     by_expert = store.sql("SELECT expert, count(*) AS n FROM routing GROUP BY ALL ORDER BY ALL", run="r1")
