@@ -121,7 +121,8 @@ def cv(store, scope: Scope, meta: pd.DataFrame, **options) -> pd.DataFrame:
 
 
 def balance(store, scope: Scope, meta: pd.DataFrame, **options) -> pd.DataFrame:
-    """maxvio, cv, switch_score and drop_rate together, each as its own metric defines it, from one read.
+    """MaxVio (Wang et al. 2024, Eq. 4), CV (METRICS.md §4), the Switch score (Fedus et al. 2021, Eq. 4–6) and the
+    drop rate (METRICS.md §6) together, each exactly as its own metric computes it, from one read.
 
     For a page that charts all four: each alone reads expert_step and joins every (step,
     layer, expert) again. Columns: [step,] layer, maxvio, cv, switch_score, tokens, slots,
