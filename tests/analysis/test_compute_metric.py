@@ -6,7 +6,8 @@ from moescope.collector.store import UnknownRun
 
 NAMES = ["load_share", "switch_score", "maxvio", "cv", "utilisation", "dead_experts", "drop_rate", "entropy", "z",
          "margin", "domain_specialisation", "vocab_specialisation", "coactivation", "repetition", "saturation",
-         "fluctuation", "load_js", "alignment", "predicted_drops", "placement", "device_load", "expert_cache", "collapse"]
+         "fluctuation", "load_js", "alignment", "predicted_drops", "placement", "device_load", "expert_cache", "collapse",
+         "balance"]  # maxvio, cv, switch_score and drop_rate from one read
 
 
 def test_registry_holds_every_metric_of_metrics_md_with_a_cited_docstring():
