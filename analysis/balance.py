@@ -83,6 +83,12 @@ def _maxvio_sql(scope: Scope, meta) -> tuple[str, list]:
         SELECT {scope.step_key} layer, {_MAXVIO} FROM load GROUP BY ALL ORDER BY {_order(scope)}""", params
 
 
+def _with_mean_over_layers(df: pd.DataFrame) -> pd.DataFrame:
+    """maxvio_mean_layers: the mean MaxVio over the selected layers at each step, as Wang et al. report it."""
+    df["maxvio_mean_layers"] = df.groupby("step")["maxvio"].transform("mean")
+    return df
+
+
 def maxvio(store, scope: Scope, meta: pd.DataFrame, **options) -> pd.DataFrame:
     """MaxVio = (max_i load_i − mean_i load_i) / mean_i load_i (Loss-Free Balancing, Wang et al. 2024, Eq. 4).
 
@@ -95,9 +101,7 @@ def maxvio(store, scope: Scope, meta: pd.DataFrame, **options) -> pd.DataFrame:
     check_options("maxvio", options, set())
     if scope.by == "step":
         sql, params = _maxvio_sql(scope, meta)
-        df = store.sql(sql, params, run=scope.run)
-        df["maxvio_mean_layers"] = df.groupby("step")["maxvio"].transform("mean")
-        return df
+        return _with_mean_over_layers(store.sql(sql, params, run=scope.run))
     sql, params = _maxvio_sql(scope, meta)
     glob = store.sql(sql, params, run=scope.run).rename(columns={"maxvio": "maxvio_global"})
     per_step_sql, params = _maxvio_sql(Scope(**{**scope.__dict__, "by": "step"}), meta)
@@ -126,13 +130,14 @@ def balance(store, scope: Scope, meta: pd.DataFrame, **options) -> pd.DataFrame:
 
     For a page that charts all four: each alone reads expert_step and joins every (step,
     layer, expert) again. Columns: [step,] layer, maxvio, cv, switch_score, tokens, slots,
-    dropped, drop_rate.
+    dropped, drop_rate; by="step" also maxvio_mean_layers, as maxvio gives it.
     """
     check_options("balance", options, set())
     cte, params = expert_load_sql(scope, meta)
-    return store.sql(cte + f"""
+    df = store.sql(cte + f"""
         SELECT {scope.step_key} layer, {_MAXVIO}, {_CV}, {_SWITCH}, {_DROPS}
         FROM load GROUP BY ALL ORDER BY {_order(scope)}""", params, run=scope.run)
+    return _with_mean_over_layers(df) if scope.by == "step" else df
 
 
 def _utilisation_sql(scope: Scope, meta) -> tuple[str, list]:

@@ -17,9 +17,9 @@ from the columns' ranges in the segment footers). Rows that come out of the segm
 order already (the probe writes them so) are taken as they are, checked a chunk at a time;
 others are sorted in numpy. Where every segment's footer says its rows were written in token
 order (collector/token_order.py) and a rank's segments do not overlap in steps, the key is
-only (layer, rank, step): half the columns to read. LRU is exact for every cache size from one pass of stack
-distances (Mattson et al. 1970), counted per (step, distance) by a C kernel (cache_kernels;
-numpy without a C compiler). LFU is not a stack algorithm: each size is its own sequential
+only (layer, rank, step): half the columns to read. LRU is exact for every cache size from
+one pass of stack distances (Mattson et al. 1970), counted per (step, distance) by a C
+kernel (cache_kernels; numpy without a C compiler). LFU is not a stack algorithm: each size is its own sequential
 replay, exact, counted per step in C (Python without a compiler). The LRU pass and the LFU
 sizes run side by side in threads. N = 1 (LFU = LRU) and N at least the stream's distinct
 experts (nothing is evicted) need no replay.

@@ -52,10 +52,10 @@ def _kept(store, run: str, where: str, params: list) -> tuple[frozenset, pd.Data
     """(segments counted, counts, shares answered from them), read through what is kept."""
     files = store.segment_paths("routing", run)
     key = (str(store.root), run, where, tuple(params))
-    kept = KEPT.get(key)
-    if kept is not None and kept[0] <= set(files) and not set(files) - kept[0]:
+    kept, live = KEPT.get(key), set(files)
+    if kept is not None and kept[0] == live:
         return kept
-    covered, counts = (kept[0], kept[1]) if kept is not None and kept[0] <= set(files) else (frozenset(), None)
+    covered, counts = (kept[0], kept[1]) if kept is not None and kept[0] <= live else (frozenset(), None)
     todo = [f for f in files if f not in covered]
     try:
         fresh = _count(store, run, todo, where, params) if todo else _empty()

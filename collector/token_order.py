@@ -75,9 +75,9 @@ def _one_value(col: pa.ChunkedArray):
     """The column's one value (None when all null), or _MANY. One-value dictionaries (a worker's frames) and
     integers cost next to nothing; plain strings (imports) are hashed."""
     if pa.types.is_integer(col.type):
-        values = col.to_numpy()
         if col.null_count:
             return None if col.null_count == len(col) else _MANY
+        values = col.to_numpy()
         return int(values[0]) if values.min() == values.max() else _MANY
     seen = set()
     for chunk in col.chunks:

@@ -53,8 +53,7 @@ def run_series(store, run: str, layer: int | None, steps, phase: str | None,
                ranks: list[int] | None = None) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
     """Per metric, the step series of one run (the layer's, or the mean over layers), and MaxVio of every layer."""
     every = compute_metric(store, "balance", run=run, steps=steps, by="step", phase=phase, ranks=ranks)
-    maxvio = every[["step", "layer", "maxvio"]].assign(
-        maxvio_mean_layers=every.groupby("step")["maxvio"].transform("mean"))
+    maxvio = every[["step", "layer", "maxvio", "maxvio_mean_layers"]]
     out = {}
     for metric, (column, _, _) in LINE_CHARTS.items():
         df = every[["step", "layer", column, *(["dropped", "slots"] if metric == "drop_rate" else [])]]
