@@ -387,7 +387,7 @@ class TokenRows:
         for how, ordered in attempts:
             try:
                 if how == "signatures":
-                    counter = pr.SignatureCounter(self.space, int(steps[0]))
+                    counter = pr.SignatureCounter(self.space, int(steps[0]), int(steps[-1]))
                     for batch in pr.stream(self.store, self.scope.run, self.space.select_sql(int(steps[0]), width), where,
                                            params, ordered=True):
                         counter.add(batch)

@@ -231,6 +231,8 @@ class Replay:
 SIGNATURE_TABLE_MAX = 1 << 24
 # Counts over at most this many (step, layer, home, signature) cells are priced densely (tensor contractions).
 DENSE_COUNTS_MAX = 1 << 23
+# A count over at most this many (step, cell, signature) slots adds every batch into one array (8 bytes a slot).
+DENSE_COUNTER_MAX = 1 << 22
 # Signature counts kept between queries (CACHE), in (step, cell, signature) entries over all runs.
 HISTOGRAM_CACHE_ENTRIES = 1 << 23
 
@@ -339,10 +341,13 @@ class SignatureCounter:
     and the caller falls back to the row-by-row Replay.
     """
 
-    def __init__(self, space: Space, lo: int):
+    def __init__(self, space: Space, lo: int, hi: int | None = None):
         self.space, self.lo = space, int(lo)
         self.rest: tuple[np.ndarray, np.ndarray] | None = None  # rows of a token the batch end cut
         self.parts: list[tuple[np.ndarray, np.ndarray]] = []
+        # Steps lo..hi known and few cells: one array of counts, so no batch is compacted or merged at the end.
+        span = None if hi is None else (int(hi) - self.lo + 1) * space.cells * space.n_sig
+        self.dense = np.zeros(span, np.int64) if span is not None and 0 < span <= DENSE_COUNTER_MAX else None
 
     def add(self, c: dict[str, np.ndarray]) -> None:
         key, expert = c["key"], c["expert"]
@@ -367,7 +372,13 @@ class SignatureCounter:
             idx *= e
             idx += d
         lo, hi = int(idx.min()), int(idx.max())
-        if hi - lo < 4 * len(idx) + 4096:
+        if self.dense is not None and 0 <= lo and hi < len(self.dense):
+            if hi - lo < 4 * len(idx) + 4096:
+                self.dense[lo:hi + 1] += np.bincount(idx - lo if lo else idx, minlength=hi - lo + 1)
+            else:
+                u, c = np.unique(idx, return_counts=True)
+                self.dense[u] += c
+        elif hi - lo < 4 * len(idx) + 4096:
             counts = np.bincount(idx - lo if lo else idx)
             nz = np.flatnonzero(counts)
             self.parts.append((nz.astype(np.int64) + lo, counts[nz]))
@@ -377,6 +388,10 @@ class SignatureCounter:
     def finish(self) -> Counts:
         if self.rest is not None:
             raise NotAdjacent()  # the last token has fewer than K rows
+        if self.dense is not None:
+            nz = np.flatnonzero(self.dense)
+            self.parts.append((nz, self.dense[nz]))
+            self.dense = None
         if not self.parts:
             return Counts.join([])
         u = np.concatenate([p[0] for p in self.parts])
@@ -426,7 +441,7 @@ def histogram(store, run: str, space: Space, filters: str, params: list, windows
             width = key_width(lo, hi, space.cells)
             if width is None:
                 raise NotAdjacent()
-            counter = SignatureCounter(space, lo)
+            counter = SignatureCounter(space, lo, hi)
             sql = (f"SELECT {space.select_sql(lo, width)} FROM read_parquet({sql_list(need)}, union_by_name=true) "
                    f"WHERE {filters}")
             for batch in stream_sql(store, run, sql, params, tables=()):
@@ -464,14 +479,20 @@ class SignatureReplay:
         g = self.grid
         sidx = _search(g.steps, counts.step)
         ok = sidx >= 0  # a step expert_step never recorded, or outside the window: not counted
+        whole = bool(ok.all())
         cells = len(g.layers) * g.ep_size
-        cell_sig = counts.cell_sig[ok]
-        key_U, sig_U, cnt_U = sidx[ok] * cells + cell_sig // self.n_sig, cell_sig % self.n_sig, counts.count[ok]
+        cell_sig = counts.cell_sig if whole else counts.cell_sig[ok]
+        cnt_U = counts.count if whole else counts.count[ok]
+        sidx = sidx if whole else sidx[ok]
         n_g, n_l = g.ep_size, len(g.layers)
-        self.seen += np.bincount(key_U // n_g, weights=cnt_U, minlength=len(self.seen))
         if g.size * self.n_sig <= DENSE_COUNTS_MAX:
-            self._add_dense(key_U, sig_U, cnt_U)
+            # (step index, cell, signature) is already the dense array's flat index
+            c = np.bincount(sidx * (cells * self.n_sig) + cell_sig, weights=cnt_U, minlength=g.size * self.n_sig)
+            self.seen += c.reshape(len(self.seen), -1).sum(1)
+            self._add_dense(c)
             return
+        key_U, sig_U = sidx * cells + cell_sig // self.n_sig, cell_sig % self.n_sig
+        self.seen += np.bincount(key_U // n_g, weights=cnt_U, minlength=len(self.seen))
         home_U, layer_U = key_U % n_g, (key_U // n_g) % n_l
         # flat indexes into the (L, G, S) and (L·S, G) tables, once for every placement
         lhs_U = (layer_U * n_g + home_U) * self.n_sig + sig_U
@@ -488,11 +509,10 @@ class SignatureReplay:
             t.recv += np.bincount(recv_idx, weights=reach_UG.ravel(), minlength=g.size)
             t.sent_internode += np.bincount(key_U, weights=cnt_U * tab.inter_LGS.take(lhs_U), minlength=g.size)
 
-    def _add_dense(self, key_U, sig_U, cnt_U) -> None:
+    def _add_dense(self, c: np.ndarray) -> None:
         """The counts as a dense (step, layer, home, signature) array: each placement is then a few tensor contractions."""
         g = self.grid
         n_s, n_l, n_g = len(g.steps), len(g.layers), g.ep_size
-        c = np.bincount(key_U * self.n_sig + sig_U, weights=cnt_U, minlength=g.size * self.n_sig)
         c = c.reshape(n_s, n_l, n_g, self.n_sig)
         c_any = c.sum(2)  # tokens by (step, layer, signature), whatever their home
         for policy, f_LEG in self.tables.items():

@@ -230,6 +230,26 @@ def test_signature_counts_of_several_batches_sum_per_value_sorted_or_not(ascendi
     assert values.tolist() == want.index.tolist() and sums.tolist() == want.tolist()
 
 
+def test_signature_counter_into_one_array_counts_as_batch_by_batch():
+    # steps 3..10, one layer, 4 homes, E=4, K=2: keys (step - 3) · 4 + home, each token's two rows with distinct experts
+    space = pr.Space((0,), 4, 4, 2)
+    rng = np.random.default_rng(5)
+    steps = np.sort(rng.integers(3, 11, 500))
+    key = np.repeat((steps - 3) * 4 + rng.integers(0, 4, 500), 2)
+    first = rng.integers(0, 4, 500)
+    expert = np.stack([first, (first + rng.integers(1, 4, 500)) % 4], 1).ravel()
+    counted = []
+    for hi in (None, 10, 6):  # 6: later steps fall outside the array and are counted batch by batch
+        counter = pr.SignatureCounter(space, 3, hi)
+        for lo in range(0, 1000, 134):  # batches cut tokens in two
+            counter.add({"key": key[lo:lo + 134], "expert": expert[lo:lo + 134]})
+        counted.append(counter.finish())
+    for c in counted[1:]:
+        for field in ("step", "cell_sig", "count"):
+            assert getattr(c, field).tolist() == getattr(counted[0], field).tolist()
+    assert counted[0].count.sum() == 500
+
+
 def test_tokens_with_varying_expert_counts_replay_row_by_row(store):
     # expert-choice style: tokens take 1 to 3 experts; copies = distinct remote devices of each token
     tokens = [(0, (0,)), (1, (0, 2, 4)), (2, (5,)), (3, (1, 7)), (4, (3, 2, 6)), (5, (7,)), (6, (6, 0)), (7, (4, 5, 1))]
