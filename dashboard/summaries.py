@@ -18,13 +18,21 @@ def series_phase(store: Store, run: str) -> str | None:
     """The phase the over-steps charts follow: training when the run trained (replays of
     checkpoints through a probe set sit at checkpoint steps and would zigzag the series),
     else every phase (serving, eval-only runs)."""
+    return _trained(store, run)[0]
+
+
+def _trained(store: Store, run: str) -> tuple[str | None, pd.DataFrame]:
+    """series_phase and the run's training drop rate per layer it was read from."""
     trained = compute_metric(store, "drop_rate", run=run, by="window", phase="train")
-    return "train" if not trained.empty and trained["slots"].fillna(0).sum() > 0 else None
+    return ("train" if not trained.empty and trained["slots"].fillna(0).sum() > 0 else None), trained
 
 
-def last_step(store: Store, run: str, phase: str | None, ranks: list[int] | None = None) -> int | None:
-    """The newest step with expert load in `phase` (read from one layer's per-step drop rate)."""
-    overall = compute_metric(store, "drop_rate", run=run, by="window", phase=phase, ranks=ranks)
+def last_step(store: Store, run: str, phase: str | None, ranks: list[int] | None = None,
+              overall: pd.DataFrame | None = None) -> int | None:
+    """The newest step with expert load in `phase` (read from one layer's per-step drop rate); `overall`: the
+    phase's drop rate per layer over the whole run, when the caller has it."""
+    if overall is None:
+        overall = compute_metric(store, "drop_rate", run=run, by="window", phase=phase, ranks=ranks)
     if overall.empty:
         return None
     first = int(overall["layer"].min())
@@ -76,8 +84,8 @@ def run_health(store: Store, run: str, *, firing: int = 0, now: float | None = N
     (alerts, status and routing rows stay the run's)."""
     with store.reading(run):  # one segment listing and one connection for the run's seven metric calls
         now = time.time() if now is None else now
-        phase = series_phase(store, run)
-        last = last_step(store, run, phase, ranks)
+        phase, trained = _trained(store, run)
+        last = last_step(store, run, phase, ranks, trained if phase == "train" and ranks is None else None)
         row = {"run": run, "phase": phase or "all", "last_step": last, "window_steps": WINDOW_STEPS, "maxvio": None,
                "dead_experts": None, "drop_rate": None, "collapse": None, "alerts_firing": int(firing),
                "last_write": _finite(last_write), "routing_rows": int(routing_rows)}
