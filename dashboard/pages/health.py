@@ -3,6 +3,7 @@ the mean over steps, and the mean entropy of every layer as a layer × step heat
 from __future__ import annotations
 
 import dash
+import numpy as np
 import pandas as pd
 from dash import Input, Output, State, html
 
@@ -31,17 +32,30 @@ def layout(**query) -> html.Div:
                        "heatmap to pick a layer.", controls, body, problems, search, PATH)
 
 
+# A cell lists at most this many experts, and shows at most this many characters of a summary (all in its tooltip):
+# at 256 experts a collapsed layer has a hundred and more.
+CELL_ITEMS = 16
+CELL_CHARS = 300
+
+
+def _cell(v) -> html.Td:
+    if isinstance(v, np.generic):  # pandas hands a nullable Int64 (the onset step) over as a numpy scalar
+        v = v.item()
+    if isinstance(v, (list, tuple, np.ndarray)):
+        items = [str(x) for x in (v.tolist() if isinstance(v, np.ndarray) else v)]
+        if len(items) > CELL_ITEMS:
+            return html.Td(", ".join(items[:CELL_ITEMS]) + f" … (+{len(items) - CELL_ITEMS} more)", title=", ".join(items))
+        return html.Td(", ".join(items) or "—")
+    if v is None or pd.isna(v):  # None, NaN and pandas' NA (a nullable onset step)
+        return html.Td("—")
+    text = f"{v:.4g}" if isinstance(v, float) else str(v)
+    return html.Td(text[:CELL_CHARS] + " …", title=text) if len(text) > CELL_CHARS + 2 else html.Td(text)
+
+
 def _table(df, columns: list[str], table_id: str) -> html.Table:
     shown = [c for c in columns if c in df.columns]
-
-    def fmt(v):
-        if isinstance(v, (list, tuple)) or hasattr(v, "tolist"):
-            return ", ".join(str(x) for x in (v.tolist() if hasattr(v, "tolist") else v)) or "—"
-        if v is None or pd.isna(v):  # None, NaN and pandas' NA (a nullable onset step)
-            return "—"
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
     return html.Table([html.Thead(html.Tr([html.Th(c.replace("_", " ")) for c in shown])),
-                       html.Tbody([html.Tr([html.Td(fmt(getattr(r, c))) for c in shown]) for r in df.itertuples()])],
+                       html.Tbody([html.Tr([_cell(getattr(r, c)) for c in shown]) for r in df.itertuples()])],
                       id=table_id, className="table")
 
 
@@ -55,11 +69,13 @@ def collapse_onsets(store, run: str, layer: int | None) -> tuple[list[int], html
     rows = verdicts if layer is None else verdicts[verdicts["layer"] == layer]
     onsets = [int(s) for s in rows["onset_step"] if pd.notna(s)]
     evidence = summaries.collapse_table(store, run, detail="evidence")
+    if layer is not None:  # the picked layer's: every layer's is thousands of rows at 64 layers × 256 experts
+        evidence = evidence[evidence["layer"] == layer]
     return onsets, html.Section(className="panel", children=[
         html.H3("Collapse verdicts per layer (onsets marked on the charts of their layer)"),
         _table(verdicts, ["layer", "verdict", "onset_step", "evidence_experts", "evidence_roles", "summary"],
                "health-collapse-table"),
-        html.H3("Evidence experts"),
+        html.H3("Evidence experts" + ("" if layer is None else f" — layer {layer}")),
         _table(evidence, ["layer", "expert", "role", "verdict", "onset_step", "share_before", "share_after",
                           "share_now", "uniform"], "health-evidence-table") if not evidence.empty
         else html.P("no expert moved enough to count as evidence", className="muted")])
