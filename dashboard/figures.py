@@ -104,8 +104,9 @@ def band_chart(df: pd.DataFrame, *, title: str, y_title: str, uirevision: str = 
                    hovertemplate="step %{x}<br>mean %{y:.4g}<extra></extra>"),
     ])
     if baseline is not None and math.isfinite(baseline):
+        # at the right end, under the line: an onset's label sits at the top of its marker, often the first step
         fig.add_hline(y=baseline, line={"color": "#999", "dash": "dot"}, annotation_text=baseline_label,
-                      annotation_position="top left")
+                      annotation_position="bottom right")
     for step in onsets or []:
         fig.add_vline(x=int(step), line={"color": "#d62728", "dash": "dash"}, annotation_text=f"collapse onset {int(step)}")
     fig.update_layout(title=title, margin=_MARGIN, xaxis=step_axis(steps), yaxis={"title": {"text": y_title}},

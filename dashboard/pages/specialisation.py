@@ -52,8 +52,31 @@ def top_tokens(vocab: pd.DataFrame, experts: int, texts: dict[int, str]) -> pd.D
     for expert in range(experts):
         part = top[top["expert"] == expert]
         text = "  ".join(f"{token_text(int(t), texts)} ({s:.0%})" for t, s in zip(part["token_id"], part["share"]))
-        rows.append({"expert": expert, "tokens": text or "— (no token routed here often enough)"})
+        rows.append({"expert": expert, "tokens": text or NO_TOKENS})
     return pd.DataFrame(rows, columns=["expert", "tokens"])
+
+
+NO_TOKENS = "— (no token routed here often enough)"
+
+
+def id_ranges(ids) -> str:
+    """Sorted ids with consecutive runs joined: [1, 2, 3, 7, 9, 10] -> "1–3, 7, 9–10"."""
+    ids, out = sorted(int(i) for i in ids), []
+    for i in ids:
+        if out and i == out[-1][1] + 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in out)
+
+
+def top_token_rows(table: pd.DataFrame) -> list[html.Tr]:
+    """A row per expert with top tokens, then one row for all the experts without (at 256 experts, most of them)."""
+    empty = table["tokens"] == NO_TOKENS
+    rows = [html.Tr([html.Td(r.expert), html.Td(r.tokens, className="tokens")]) for r in table[~empty].itertuples()]
+    if empty.any():
+        rows.append(html.Tr([html.Td(id_ranges(table.loc[empty, "expert"])), html.Td(NO_TOKENS, className="tokens")]))
+    return rows
 
 
 def where(layer: int, checkpoint: str | None) -> str:
@@ -154,7 +177,6 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
             tops = html.Table([html.Thead(html.Tr([html.Th("expert"), html.Th(
                 "top tokens (share of their occurrences routed here)" + ("" if texts else
                 ", as token ids: the run recorded no token text (attach(..., tokenizer=...) records it)"))])),
-                html.Tbody([html.Tr([html.Td(r.expert), html.Td(r.tokens, className="tokens")])
-                            for r in table.itertuples()])], id="spec-top-tokens-table", className="table")
+                html.Tbody(top_token_rows(table))], id="spec-top-tokens-table", className="table")
 
         return domain, tops, common.message(problems, *notes)

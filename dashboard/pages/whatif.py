@@ -260,6 +260,8 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
                                    x_title="cache size N (experts held)", y_title="share of assignments served",
                                    uirevision=f"{run}|{layer_id}", dash_names={ideal})
             fig.update_xaxes(tickmode="array", tickvals=sizes)  # whole numbers of experts only
+            if max(sizes) >= 16 * min(sizes):  # 1, 2, 4 … 256 would crowd the left end of a linear axis
+                fig.update_xaxes(type="log")
             table = html.Table([html.Thead(html.Tr([html.Th(h) for h in ("N", "top-N coverage", "LRU hit rate",
                                                                            "LFU hit rate", "accesses")])),
                                 html.Tbody([html.Tr([html.Td(r.cache_size), html.Td(_num(r.coverage, ".2%")),

@@ -198,3 +198,17 @@ def test_router_health_shows_every_layers_verdict_shortened_and_the_picked_layer
     shown = _rows(_find(out["health-collapse.children"], "health-evidence-table"))
     assert {int(r[0]["children"]) for r in shown} == {layer}
     assert [int(r[1]["children"]) for r in shown] == evidence[evidence.layer == layer].expert.tolist()
+
+
+def test_top_tokens_list_experts_with_tokens_and_gather_the_rest_in_one_row(wide):
+    store, answer = wide
+    out = answer("spec-domain.figure", {"spec-runs.value": RUN, "spec-layer.value": 3, "spec-min-count.value": 2})
+    rows = _rows(_find(out["spec-top-tokens.children"], "spec-top-tokens-table"))
+    vocab = compute_metric(store, "vocab_specialisation", RUN, layers=[3], min_count=2, top=5)
+    with_tokens = sorted(set(vocab.expert))
+    assert [int(r[0]["children"]) for r in rows[:-1]] == with_tokens
+    last_expert, last_tokens = rows[-1][0]["children"], rows[-1][1]["children"]
+    assert last_tokens.startswith("— (no token")
+    listed = [int(x) for part in last_expert.split(", ") for x in
+              (range(int(part.split("–")[0]), int(part.split("–")[1]) + 1) if "–" in part else [part])]
+    assert sorted(listed + with_tokens) == list(range(E))
