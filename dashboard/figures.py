@@ -153,7 +153,7 @@ def step_heatmap(df: pd.DataFrame, value: str, row: str, *, title: str, row_titl
 
 
 def matrix_heatmap(grid: pd.DataFrame, *, title: str, x_title: str, y_title: str, colour_title: str,
-                   zrange: tuple[float, float] | None = None, colorscale: str = "Viridis", zmid: float | None = None,
+                   zrange: tuple[float, float] | None = None, colorscale: str | list = "Viridis", zmid: float | None = None,
                    uirevision: str = "", hover_extra=None) -> go.Figure:
     """A labelled matrix (index → rows, columns → columns), e.g. domain × expert or expert × expert."""
     if grid.empty:
@@ -171,6 +171,14 @@ def matrix_heatmap(grid: pd.DataFrame, *, title: str, x_title: str, y_title: str
                       yaxis={"title": {"text": y_title}, "type": "category", "autorange": "reversed"},
                       height=max(320, min(900, 160 + 14 * len(grid.index))))
     return fig
+
+
+def over_uniform_scale(*grids: pd.DataFrame | None) -> dict:
+    """matrix_heatmap's colours for shares ÷ the uniform share: white at 1, blue below, red above, over one range
+    [0, max] of all the grids given, so panels set side by side (two checkpoints, two versions) compare by colour."""
+    values = [g.to_numpy(dtype=float) for g in grids if g is not None and not g.empty]
+    top = max([2.0] + [float(np.nanmax(v)) for v in values if np.isfinite(v).any()])
+    return {"zrange": (0.0, top), "colorscale": [[0.0, "#2166ac"], [1.0 / top, "#f7f7f7"], [1.0, "#b2182b"]]}
 
 
 def grouped_bars(df: pd.DataFrame, x: str, bars: dict[str, str], *, title: str, x_title: str, y_title: str,

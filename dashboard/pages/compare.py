@@ -43,13 +43,18 @@ def layout(**query) -> html.Div:
                        "anything is drawn side by side.", controls, body, problems, search, PATH)
 
 
-def _side_by_side_domains(store, run, checkpoint, layer, order, uniform, title, x_title):
+def _domain_grid(store, run, checkpoint, layer, order, uniform) -> pd.DataFrame | None:
+    """Domain × expert shares ÷ the uniform share, experts in `order`; None without domain labels."""
     spec = compute_metric(store, "domain_specialisation", run=run, layers=[layer], checkpoint=checkpoint, by="window")
     if spec.empty:
+        return None
+    return spec.pivot_table(index="domain", columns="expert", values="share", aggfunc="sum").reindex(columns=order) / uniform
+
+
+def _domain_figure(grid, title, x_title, scale):
+    if grid is None:
         return figures.empty_figure("no domain labels recorded for this checkpoint", title)
-    grid = spec.pivot_table(index="domain", columns="expert", values="share", aggfunc="sum").reindex(columns=order)
-    return figures.matrix_heatmap(grid / uniform, title=title, x_title=x_title, y_title="domain",
-                                  colour_title="× uniform", colorscale="RdBu_r", zmid=1.0)
+    return figures.matrix_heatmap(grid, title=title, x_title=x_title, y_title="domain", colour_title="× uniform", **scale)
 
 
 def register(app: dash.Dash, ctx: common.Context) -> None:
@@ -115,10 +120,12 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
         load = figures.grouped_bars(side, "expert", {"a": f"A: {run_a}@{a}", "b": f"B: {run_b}@{b} (matched expert)"},
                                     title=f"Load share after alignment — layer {layer_id} (uniform {1 / E:.3f})",
                                     x_title="expert of A", y_title="load share")
-        dom_a = _side_by_side_domains(ctx.store, run_a, a, layer_id, list(mine["expert_a"].astype(int)), k / E,
-                                      f"Domains — A: {run_a}@{a}, layer {layer_id}", "expert of A")
-        dom_b = _side_by_side_domains(ctx.store, run_b, b, layer_id, order_b, k / E,
-                                      f"Domains — B: {run_b}@{b}, matched to A's experts", "expert of B (in A's order)")
+        grid_a = _domain_grid(ctx.store, run_a, a, layer_id, list(mine["expert_a"].astype(int)), k / E)
+        grid_b = _domain_grid(ctx.store, run_b, b, layer_id, order_b, k / E)
+        scale = figures.over_uniform_scale(grid_a, grid_b)  # one colour range: A and B compare by colour
+        dom_a = _domain_figure(grid_a, f"Domains — A: {run_a}@{a}, layer {layer_id}", "expert of A", scale)
+        dom_b = _domain_figure(grid_b, f"Domains — B: {run_b}@{b}, matched to A's experts", "expert of B (in A's order)",
+                               scale)
         table = html.Table([html.Thead(html.Tr([html.Th(h) for h in ("expert of A", "matched expert of B",
                                                                        "co-assigned tokens", "tokens of A's expert")])),
                             html.Tbody([html.Tr([html.Td(int(r.expert_a)), html.Td(int(r.expert_b)),

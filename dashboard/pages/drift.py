@@ -38,13 +38,19 @@ def layout(**query) -> html.Div:
                        problems, search, PATH)
 
 
-def domain_figure(store, run: str, layer: int, checkpoint: str, uniform: float, title: str):
+def domain_grid(store, run: str, layer: int, checkpoint: str, uniform: float) -> pd.DataFrame | None:
+    """Domain × expert shares ÷ the uniform share at one checkpoint; None without domain labels."""
     spec = compute_metric(store, "domain_specialisation", run=run, layers=[layer], checkpoint=checkpoint, by="window")
     if spec.empty:
+        return None
+    return spec.pivot_table(index="domain", columns="expert", values="share", aggfunc="sum") / uniform
+
+
+def domain_figure(grid: pd.DataFrame | None, title: str, scale: dict, uirevision: str):
+    if grid is None:
         return figures.empty_figure("no domain labels recorded for this checkpoint", title)
-    grid = spec.pivot_table(index="domain", columns="expert", values="share", aggfunc="sum") / uniform
     return figures.matrix_heatmap(grid, title=title, x_title="expert", y_title="domain", colour_title="× uniform",
-                                  colorscale="RdBu_r", zmid=1.0, uirevision=f"{run}|{layer}")
+                                  uirevision=uirevision, **scale)
 
 
 def register(app: dash.Dash, ctx: common.Context) -> None:
@@ -107,6 +113,8 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
         b = ckpt_b if ckpt_b in names else names[-1]
         notes += [f"checkpoint {c!r} has no replay of {ps!r}; showing {d!r}" for c, d in ((ckpt_a, a), (ckpt_b, b))
                   if c and c != d]
-        dom_a = domain_figure(ctx.store, run, layer_id, a, k / E, f"Domain specialisation — {a}, layer {layer_id}")
-        dom_b = domain_figure(ctx.store, run, layer_id, b, k / E, f"Domain specialisation — {b}, layer {layer_id}")
+        grids = {c: domain_grid(ctx.store, run, layer_id, c, k / E) for c in (a, b)}
+        scale = figures.over_uniform_scale(*grids.values())  # one colour range: the two compare by colour
+        dom_a, dom_b = (domain_figure(grids[c], f"Domain specialisation — {c}, layer {layer_id}", scale,
+                                      f"{run}|{layer_id}") for c in (a, b))
         return [saturation, fluct, load_js, dom_a, dom_b, common.message(problems, *notes)]

@@ -161,10 +161,11 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
             tokens = spec.groupby("domain")["tokens"].max().reindex(grid.index)
             hover = np.array([[f"share {s:.3f} of {int(n)} tokens" for s in row]
                               for row, n in zip(grid.to_numpy(), tokens)])
-            domain = figures.matrix_heatmap(grid / (k / E), title=f"Domain specialisation — {here} "
+            ratio = grid / (k / E)
+            domain = figures.matrix_heatmap(ratio, title=f"Domain specialisation — {here} "
                                             f"(share ÷ uniform k/E = {k / E:.3f})", x_title="expert",
-                                            y_title="domain", colour_title="× uniform", colorscale="RdBu_r", zmid=1.0,
-                                            uirevision=f"{run}|{layer_id}", hover_extra=hover)
+                                            y_title="domain", colour_title="× uniform", uirevision=f"{run}|{layer_id}",
+                                            hover_extra=hover, **figures.over_uniform_scale(ratio))
 
         count = int(min_count) if min_count not in (None, "") and int(min_count) >= 1 else 5
         vocab = compute_metric(ctx.store, "vocab_specialisation", **scope, min_count=count, top=TOP_TOKENS)

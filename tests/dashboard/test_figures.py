@@ -59,3 +59,12 @@ def test_fixed_colour_scale_pins_the_range():
     free = figures.step_heatmap(df, "utilisation", "expert", title="t", row_title="expert", colour_title="u")
     assert (fixed.data[0].zmin, fixed.data[0].zmax) == figures.FIXED_UTILISATION_RANGE
     assert free.data[0].zmin is None and free.data[0].zmax is None
+
+
+def test_over_uniform_scale_is_one_range_for_every_grid_with_white_at_one():
+    a = pd.DataFrame([[0.0, 1.0, 3.0]])
+    b = pd.DataFrame([[0.5, 6.0, float("nan")]])
+    scale = figures.over_uniform_scale(a, b, None)
+    assert scale["zrange"] == (0.0, 6.0)
+    assert scale["colorscale"][1] == [1 / 6, "#f7f7f7"]
+    assert figures.over_uniform_scale(pd.DataFrame([[0.5, 1.2]]))["zrange"] == (0.0, 2.0)  # white stays inside

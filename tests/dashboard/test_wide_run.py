@@ -212,3 +212,16 @@ def test_top_tokens_list_experts_with_tokens_and_gather_the_rest_in_one_row(wide
     listed = [int(x) for part in last_expert.split(", ") for x in
               (range(int(part.split("–")[0]), int(part.split("–")[1]) + 1) if "–" in part else [part])]
     assert sorted(listed + with_tokens) == list(range(E))
+
+
+def test_drift_and_compare_draw_both_checkpoints_domains_on_one_colour_range(wide):
+    _, answer = wide
+    drift = answer("drift-saturation.figure", PAGES["drift-saturation.figure"])
+    compare = answer("cmp-agreement.figure", PAGES["cmp-agreement.figure"])
+    for a, b in ((drift["drift-domain-a.figure"], drift["drift-domain-b.figure"]),
+                 (compare["cmp-domain-a.figure"], compare["cmp-domain-b.figure"])):
+        ta, tb = a["data"][0], b["data"][0]
+        assert (ta["zmin"], ta["zmax"]) == (tb["zmin"], tb["zmax"]) and ta["zmin"] == 0
+        top = max(np.nanmax(array(ta["z"]).astype(float)), np.nanmax(array(tb["z"]).astype(float)))
+        assert ta["zmax"] == pytest.approx(max(2.0, top))
+        assert ta["colorscale"][1] == [pytest.approx(1 / ta["zmax"]), "#f7f7f7"]  # white at the uniform share
