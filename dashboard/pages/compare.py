@@ -18,7 +18,8 @@ def layout(**query) -> html.Div:
     probe_set = state.first_value(query.get("probe_set"))
     run_b = view.runs[1] if len(view.runs) > 1 else None
     controls = [common.run_picker(PREFIX, view.runs[:1]),
-                common.checkpoint_picker(PREFIX, view.checkpoint, label="Checkpoint A", placeholder="final replay"),
+                common.checkpoint_picker(PREFIX, view.checkpoint, label="Checkpoint A",
+                                         placeholder="final replay (first, when B is this run)"),
                 common.labelled("Run B", dcc.Dropdown(id="cmp-run-b", value=run_b, clearable=True,
                                                       options=[run_b] if run_b else [], placeholder="same run"),
                                 "cmp-run-b"),
@@ -97,7 +98,9 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
         ctx.store.require_run(run_b)
         _, layer_id, meta, notes = common.resolve(ctx.store, run_a, layer, None, None)
         ps = drift.resolve_probe_set(ctx.store, run_a, probe_set or None)
-        a = ckpt_a or drift.replayed_checkpoints(ctx.store, run_a, ps).checkpoint.iloc[-1]
+        replayed_a = drift.replayed_checkpoints(ctx.store, run_a, ps).checkpoint
+        # One run alone: its first replayed checkpoint against its last, so the page opens on a comparison.
+        a = ckpt_a or (replayed_a.iloc[0] if run_b == run_a and not ckpt_b else replayed_a.iloc[-1])
         b = ckpt_b or drift.replayed_checkpoints(ctx.store, run_b, ps).checkpoint.iloc[-1]
         if run_a == run_b and a == b:
             notes.append(f"A and B are the same checkpoint ({a} of {run_a}): pick another checkpoint or run for B")

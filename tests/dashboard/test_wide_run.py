@@ -225,3 +225,11 @@ def test_drift_and_compare_draw_both_checkpoints_domains_on_one_colour_range(wid
         top = max(np.nanmax(array(ta["z"]).astype(float)), np.nanmax(array(tb["z"]).astype(float)))
         assert ta["zmax"] == pytest.approx(max(2.0, top))
         assert ta["colorscale"][1] == [pytest.approx(1 / ta["zmax"]), "#f7f7f7"]  # white at the uniform share
+
+
+def test_compare_of_one_run_opens_on_its_first_replayed_checkpoint_against_its_last(wide):
+    store, answer = wide
+    out = answer("cmp-agreement.figure", {"cmp-runs.value": RUN})
+    assert not out["cmp-message.children"]
+    assert "c0 vs" in out["cmp-agreement.figure"]["layout"]["title"]["text"]
+    assert f"{RUN}@c1" in out["cmp-agreement.figure"]["layout"]["title"]["text"]
