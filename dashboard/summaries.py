@@ -61,8 +61,8 @@ def collapse_table(store: Store, run: str, detail: str = "layers", ranks: list[i
 
 
 def collapse_verdict(store: Store, run: str, ranks: list[int] | None = None) -> str | None:
-    """The worst collapse verdict over the run's layers and the layers that have it, e.g. "collapsing (layers 3, 5)";
-    None where the collapse metric is not available."""
+    """The worst collapse verdict over the run's layers and the layers that have it, e.g. "collapsing (layer 3)" or
+    "collapsed (60 of 64 layers: 0–5, 7–23, 25–58, 60–63)"; None where the collapse metric is not available."""
     verdicts = collapse_table(store, run, ranks=ranks)
     if verdicts is None:
         return None
@@ -73,8 +73,21 @@ def collapse_verdict(store: Store, run: str, ranks: list[int] | None = None) -> 
     worst = max(verdicts["verdict"], key=VERDICTS.index)
     if worst == "healthy":
         return worst
-    layers = ", ".join(str(int(x)) for x in verdicts.loc[verdicts["verdict"] == worst, "layer"])
-    return f"{worst} (layer{'s' if ',' in layers else ''} {layers})"
+    layers = verdicts.loc[verdicts["verdict"] == worst, "layer"]
+    if len(layers) == 1:
+        return f"{worst} (layer {int(layers.iloc[0])})"
+    return f"{worst} ({len(layers)} of {len(verdicts)} layers: {id_ranges(layers)})"
+
+
+def id_ranges(ids) -> str:
+    """Sorted ids with consecutive runs joined: [1, 2, 3, 7, 9, 10] -> "1–3, 7, 9–10" (64 layers, 256 experts)."""
+    runs: list[list[int]] = []
+    for i in sorted(int(i) for i in ids):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in runs)
 
 
 def run_health(store: Store, run: str, *, firing: int = 0, now: float | None = None,

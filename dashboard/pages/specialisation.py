@@ -8,7 +8,7 @@ import pandas as pd
 from dash import Input, Output, State, html
 
 from moescope.analysis import compute_metric
-from moescope.dashboard import figures, state
+from moescope.dashboard import figures, state, summaries
 from moescope.dashboard.pages import common
 
 PATH, NAME, PREFIX = "/specialisation", "Specialisation", "spec"
@@ -59,23 +59,13 @@ def top_tokens(vocab: pd.DataFrame, experts: int, texts: dict[int, str]) -> pd.D
 NO_TOKENS = "— (no token routed here often enough)"
 
 
-def id_ranges(ids) -> str:
-    """Sorted ids with consecutive runs joined: [1, 2, 3, 7, 9, 10] -> "1–3, 7, 9–10"."""
-    ids, out = sorted(int(i) for i in ids), []
-    for i in ids:
-        if out and i == out[-1][1] + 1:
-            out[-1][1] = i
-        else:
-            out.append([i, i])
-    return ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in out)
-
-
 def top_token_rows(table: pd.DataFrame) -> list[html.Tr]:
     """A row per expert with top tokens, then one row for all the experts without (at 256 experts, most of them)."""
     empty = table["tokens"] == NO_TOKENS
     rows = [html.Tr([html.Td(r.expert), html.Td(r.tokens, className="tokens")]) for r in table[~empty].itertuples()]
     if empty.any():
-        rows.append(html.Tr([html.Td(id_ranges(table.loc[empty, "expert"])), html.Td(NO_TOKENS, className="tokens")]))
+        rows.append(html.Tr([html.Td(summaries.id_ranges(table.loc[empty, "expert"])),
+                             html.Td(NO_TOKENS, className="tokens")]))
     return rows
 
 
