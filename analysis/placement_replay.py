@@ -479,11 +479,8 @@ class SignatureReplay:
         g = self.grid
         sidx = _search(g.steps, counts.step)
         ok = sidx >= 0  # a step expert_step never recorded, or outside the window: not counted
-        whole = bool(ok.all())
         cells = len(g.layers) * g.ep_size
-        cell_sig = counts.cell_sig if whole else counts.cell_sig[ok]
-        cnt_U = counts.count if whole else counts.count[ok]
-        sidx = sidx if whole else sidx[ok]
+        cell_sig, cnt_U, sidx = counts.cell_sig[ok], counts.count[ok], sidx[ok]
         n_g, n_l = g.ep_size, len(g.layers)
         if g.size * self.n_sig <= DENSE_COUNTS_MAX:
             # (step index, cell, signature) is already the dense array's flat index

@@ -153,14 +153,14 @@ def step_heatmap(df: pd.DataFrame, value: str, row: str, *, title: str, row_titl
 
 
 def matrix_heatmap(grid: pd.DataFrame, *, title: str, x_title: str, y_title: str, colour_title: str,
-                   zrange: tuple[float, float] | None = None, colorscale: str | list = "Viridis", zmid: float | None = None,
+                   zrange: tuple[float, float] | None = None, colorscale: str | list = "Viridis",
                    uirevision: str = "", hover_extra=None) -> go.Figure:
     """A labelled matrix (index → rows, columns → columns), e.g. domain × expert or expert × expert."""
     if grid.empty:
         return empty_figure(NO_DATA, title)
     zmin, zmax = zrange if zrange is not None else (None, None)
     trace = dict(z=grid.to_numpy(dtype=float), x=[str(c) for c in grid.columns], y=[str(r) for r in grid.index],
-                 colorscale=colorscale, zmin=zmin, zmax=zmax, zmid=zmid, colorbar={"title": {"text": colour_title}},
+                 colorscale=colorscale, zmin=zmin, zmax=zmax, colorbar={"title": {"text": colour_title}},
                  hovertemplate=f"{y_title} %{{y}}<br>{x_title} %{{x}}<br>{colour_title} %{{z:.4g}}<extra></extra>")
     if hover_extra is not None:
         trace["customdata"] = hover_extra

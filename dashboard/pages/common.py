@@ -10,6 +10,7 @@ import dash
 import pandas as pd
 from dash import ClientsideFunction, Input, Output, State, dcc, html
 
+from moescope.analysis import compute_metric
 from moescope.analysis.query import layer_meta, run_ranks
 from moescope.collector.store import Store, StoreError
 from moescope.dashboard import figures, state
@@ -285,3 +286,23 @@ def resolve(store: Store, run: str, layer, step_min, step_max) -> tuple[tuple[in
     steps, step_note = window(step_min, step_max)
     layer_id, meta, layer_note = pick_layer(store, run, layer)
     return steps, layer_id, meta, [step_note, layer_note]
+
+
+def domain_grid(store: Store, run: str, layer: int, checkpoint: str, uniform: float,
+                order: list[int] | None = None) -> pd.DataFrame | None:
+    """Domain × expert shares ÷ the uniform share at one checkpoint (experts in `order` when given); None without
+    domain labels. Drift and Compare set two of these side by side."""
+    spec = compute_metric(store, "domain_specialisation", run=run, layers=[layer], checkpoint=checkpoint, by="window")
+    if spec.empty:
+        return None
+    grid = spec.pivot_table(index="domain", columns="expert", values="share", aggfunc="sum")
+    return (grid if order is None else grid.reindex(columns=order)) / uniform
+
+
+def domain_figure(grid: pd.DataFrame | None, title: str, scale: dict, *, x_title: str = "expert",
+                  uirevision: str = ""):
+    """A domain_grid's heatmap on `scale` (figures.over_uniform_scale of the grids drawn together)."""
+    if grid is None:
+        return figures.empty_figure("no domain labels recorded for this checkpoint", title)
+    return figures.matrix_heatmap(grid, title=title, x_title=x_title, y_title="domain", colour_title="× uniform",
+                                  uirevision=uirevision, **scale)

@@ -44,20 +44,6 @@ def layout(**query) -> html.Div:
                        "anything is drawn side by side.", controls, body, problems, search, PATH)
 
 
-def _domain_grid(store, run, checkpoint, layer, order, uniform) -> pd.DataFrame | None:
-    """Domain × expert shares ÷ the uniform share, experts in `order`; None without domain labels."""
-    spec = compute_metric(store, "domain_specialisation", run=run, layers=[layer], checkpoint=checkpoint, by="window")
-    if spec.empty:
-        return None
-    return spec.pivot_table(index="domain", columns="expert", values="share", aggfunc="sum").reindex(columns=order) / uniform
-
-
-def _domain_figure(grid, title, x_title, scale):
-    if grid is None:
-        return figures.empty_figure("no domain labels recorded for this checkpoint", title)
-    return figures.matrix_heatmap(grid, title=title, x_title=x_title, y_title="domain", colour_title="× uniform", **scale)
-
-
 def register(app: dash.Dash, ctx: common.Context) -> None:
     common.register_run_options(app, ctx, PREFIX)
     common.register_checkpoint_options(app, ctx, PREFIX)
@@ -123,12 +109,13 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
         load = figures.grouped_bars(side, "expert", {"a": f"A: {run_a}@{a}", "b": f"B: {run_b}@{b} (matched expert)"},
                                     title=f"Load share after alignment — layer {layer_id} (uniform {1 / E:.3f})",
                                     x_title="expert of A", y_title="load share")
-        grid_a = _domain_grid(ctx.store, run_a, a, layer_id, list(mine["expert_a"].astype(int)), k / E)
-        grid_b = _domain_grid(ctx.store, run_b, b, layer_id, order_b, k / E)
+        grid_a = common.domain_grid(ctx.store, run_a, layer_id, a, k / E, list(mine["expert_a"].astype(int)))
+        grid_b = common.domain_grid(ctx.store, run_b, layer_id, b, k / E, order_b)
         scale = figures.over_uniform_scale(grid_a, grid_b)  # one colour range: A and B compare by colour
-        dom_a = _domain_figure(grid_a, f"Domains — A: {run_a}@{a}, layer {layer_id}", "expert of A", scale)
-        dom_b = _domain_figure(grid_b, f"Domains — B: {run_b}@{b}, matched to A's experts", "expert of B (in A's order)",
-                               scale)
+        dom_a = common.domain_figure(grid_a, f"Domains — A: {run_a}@{a}, layer {layer_id}", scale,
+                                     x_title="expert of A")
+        dom_b = common.domain_figure(grid_b, f"Domains — B: {run_b}@{b}, matched to A's experts", scale,
+                                     x_title="expert of B (in A's order)")
         table = html.Table([html.Thead(html.Tr([html.Th(h) for h in ("expert of A", "matched expert of B",
                                                                        "co-assigned tokens", "tokens of A's expert")])),
                             html.Tbody([html.Tr([html.Td(int(r.expert_a)), html.Td(int(r.expert_b)),

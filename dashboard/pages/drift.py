@@ -38,21 +38,6 @@ def layout(**query) -> html.Div:
                        problems, search, PATH)
 
 
-def domain_grid(store, run: str, layer: int, checkpoint: str, uniform: float) -> pd.DataFrame | None:
-    """Domain × expert shares ÷ the uniform share at one checkpoint; None without domain labels."""
-    spec = compute_metric(store, "domain_specialisation", run=run, layers=[layer], checkpoint=checkpoint, by="window")
-    if spec.empty:
-        return None
-    return spec.pivot_table(index="domain", columns="expert", values="share", aggfunc="sum") / uniform
-
-
-def domain_figure(grid: pd.DataFrame | None, title: str, scale: dict, uirevision: str):
-    if grid is None:
-        return figures.empty_figure("no domain labels recorded for this checkpoint", title)
-    return figures.matrix_heatmap(grid, title=title, x_title="expert", y_title="domain", colour_title="× uniform",
-                                  uirevision=uirevision, **scale)
-
-
 def register(app: dash.Dash, ctx: common.Context) -> None:
     common.register_run_options(app, ctx, PREFIX)
     common.register_checkpoint_options(app, ctx, PREFIX)
@@ -113,8 +98,8 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
         b = ckpt_b if ckpt_b in names else names[-1]
         notes += [f"checkpoint {c!r} has no replay of {ps!r}; showing {d!r}" for c, d in ((ckpt_a, a), (ckpt_b, b))
                   if c and c != d]
-        grids = {c: domain_grid(ctx.store, run, layer_id, c, k / E) for c in (a, b)}
+        grids = {c: common.domain_grid(ctx.store, run, layer_id, c, k / E) for c in (a, b)}
         scale = figures.over_uniform_scale(*grids.values())  # one colour range: the two compare by colour
-        dom_a, dom_b = (domain_figure(grids[c], f"Domain specialisation — {c}, layer {layer_id}", scale,
-                                      f"{run}|{layer_id}") for c in (a, b))
+        dom_a, dom_b = (common.domain_figure(grids[c], f"Domain specialisation — {c}, layer {layer_id}", scale,
+                                             uirevision=f"{run}|{layer_id}") for c in (a, b))
         return [saturation, fluct, load_js, dom_a, dom_b, common.message(problems, *notes)]
