@@ -16,8 +16,9 @@ Cost. Rows are read once, unsorted, as one 64-bit token-order key per row (built
 from the columns' ranges in the segment footers). Rows that come out of the segments in key
 order already (the probe writes them so) are taken as they are, checked a chunk at a time;
 others are sorted in numpy. Where every segment's footer says its rows were written in token
-order (collector/token_order.py) and a rank's segments do not overlap in steps, the key is
-only (layer, rank, step): half the columns to read. LRU is exact for every cache size from
+order (collector/token_order.py) and a rank's segments do not overlap in steps, no key is
+built: the rows are read as their expert alone, in file order, and cut into streams and
+steps by a GROUP BY's row counts per (layer, rank, step). LRU is exact for every cache size from
 one pass of stack distances (Mattson et al. 1970), counted per (step, distance) by a C
 kernel (cache_kernels; numpy without a C compiler). LFU is not a stack algorithm: each size is its own sequential
 replay, exact, counted per step in C (Python without a compiler). The LRU pass and the LFU
@@ -317,6 +318,9 @@ def _read_streams(store, scope: Scope, layers: list[int]):
             if hi > lo:
                 yield (int(layer_n[lo]), int(rank_n[lo]), *_runs(step_n[lo:hi]), expert_n[lo:hi])
         return
+    if plan.presorted:
+        yield from _read_presorted(store, scope, plan, where, params)
+        return
     con = store.connect(scope.run, tables=())
     try:
         tab = con.sql(f"SELECT {plan.sql} AS key, expert FROM read_parquet({sql_list(plan.files)}, union_by_name=true) "
@@ -341,6 +345,36 @@ def _read_streams(store, scope: Scope, layers: list[int]):
         layer, rank = plan.stream(int(stream[lo]))
         yield layer, rank, plan.steps(code[lo:hi] << plan.step_shift), count[lo:hi], \
             expert[ends[lo] - count[lo]:ends[hi - 1]]
+
+
+def _read_presorted(store, scope: Scope, plan: _OrderKey, where: str, params: list):
+    """The streams of segments whose rows come out in token order (_presorted): only the expert of each row, in the
+    order read, and each (layer, rank, step)'s row count from a GROUP BY. Within a layer the rows are in (rank, step)
+    order, so the counts cut them into streams and steps; no per-row key is built (a 64-bit key per row cost as
+    much as the scan)."""
+    source = f"read_parquet({sql_list(plan.files)}, union_by_name=true) WHERE {where}"
+    con = store.connect(scope.run, tables=())
+    try:
+        counts = con.sql(f"SELECT layer, rank, step, count(*) AS n FROM {source} GROUP BY ALL ORDER BY ALL",
+                         params=params or None).fetchnumpy()
+        tab = con.sql(f"SELECT {'layer, ' if len(plan.layers) > 1 else ''}expert FROM {source}",
+                      params=params or None).to_arrow_table()
+    finally:
+        con.close()
+    expert = tab.column("expert").to_numpy()
+    if len(plan.layers) > 1:  # a layer's rows keep their order; layers interleave within a segment
+        expert = expert[np.argsort(tab.column("layer").to_numpy(), kind="stable")]
+    layer_n, rank_n, step_n, count_n = (np.asarray(counts[c]) for c in ("layer", "rank", "step", "n"))
+    if int(count_n.sum()) != len(expert):
+        raise RuntimeError(f"routing rows changed while read: {len(expert)} rows, counted {int(count_n.sum())}")
+    ends = np.cumsum(count_n)
+    stream_ends = np.r_[np.flatnonzero((np.diff(layer_n) != 0) | (np.diff(rank_n) != 0)) + 1, len(layer_n)]
+    lo = 0
+    for hi in stream_ends:
+        start = int(ends[lo - 1]) if lo else 0
+        yield int(layer_n[lo]), int(rank_n[lo]), step_n[lo:hi], count_n[lo:hi].astype(np.int64), \
+            expert[start:int(ends[hi - 1])]
+        lo = hi
 
 
 def _ordered_chunks(key) -> list[np.ndarray] | None:
@@ -398,6 +432,7 @@ class _OrderKey:
     step_bits: int
     stream_shift: int
     files: list[str]  # the routing segments, in the order to read them
+    presorted: bool = False  # rows come out of the files in token order within each layer (_presorted)
 
     def stream(self, code: int) -> tuple[int, int]:
         return self.layers[code >> self.rank_bits], (code & ((1 << self.rank_bits) - 1)) + self.rank_lo
@@ -435,7 +470,7 @@ class _OrderKey:
             if layer_bits:
                 coarse.append(f"({layer_index}::BIGINT << {step_bits + rank_bits})")
             return _OrderKey(" | ".join(coarse), list(layers), int(ranges["rank"][0]), rank_bits,
-                             int(ranges["step"][0]), 0, step_bits, step_bits, in_order)
+                             int(ranges["step"][0]), 0, step_bits, step_bits, in_order, presorted=True)
         checkpoints = [] if scope.checkpoint is not None else sorted(store.sql(
             f"SELECT DISTINCT checkpoint FROM expert_step WHERE {where}", params, run=scope.run).checkpoint.dropna())
         parts = []  # (sql value from 0, bits), least significant first

@@ -172,12 +172,16 @@ def planned(monkeypatch) -> list:
     return plans
 
 
-def test_segments_recorded_in_token_order_are_read_by_layer_rank_and_step_alone(store, monkeypatch):
+def test_segments_recorded_in_token_order_are_read_as_experts_and_step_counts_alone(store, monkeypatch):
     rows = write_frames(store, "flagged", np.random.default_rng(8), checkpoints=("a",), shuffle=False)
     plans = planned(monkeypatch)
     ec.STREAMS.clear()
     assert_rates_expected(store, "flagged", rows, [1, 2, 3, 5])
-    assert plans and all(p.step_shift == 0 and "pos" not in p.sql and "slot" not in p.sql for p in plans)
+    assert plans and all(p.presorted for p in plans)
+    by_step = compute_metric(store, "expert_cache", "flagged", cache_sizes=[2, 3], by="step", steps=(1, 2))
+    monkeypatch.setattr(ec._OrderKey, "plan", staticmethod(lambda *a, **k: None))  # DuckDB sorts every row instead
+    ec.STREAMS.clear()
+    assert by_step.equals(compute_metric(store, "expert_cache", "flagged", cache_sizes=[2, 3], by="step", steps=(1, 2)))
 
 
 def test_a_ranks_segments_that_overlap_in_steps_are_read_with_the_full_token_key(store, monkeypatch):
