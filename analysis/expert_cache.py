@@ -353,18 +353,24 @@ def _read_presorted(store, scope: Scope, plan: _OrderKey, where: str, params: li
     order, so the counts cut them into streams and steps; no per-row key is built (a 64-bit key per row cost as
     much as the scan)."""
     source = f"read_parquet({sql_list(plan.files)}, union_by_name=true) WHERE {where}"
+    several = len(plan.layers) > 1
+    # Grouped by what varies: a constant layer or rank costs the GROUP BY a third more and says nothing.
+    keys = ["layer"] * several + ["rank"] * bool(plan.rank_bits) + ["step"]
     con = store.connect(scope.run, tables=())
     try:
-        counts = con.sql(f"SELECT layer, rank, step, count(*) AS n FROM {source} GROUP BY ALL ORDER BY ALL",
+        counts = con.sql(f"SELECT {', '.join(keys)}, count(*) AS n FROM {source} GROUP BY ALL ORDER BY ALL",
                          params=params or None).fetchnumpy()
-        tab = con.sql(f"SELECT {'layer, ' if len(plan.layers) > 1 else ''}expert FROM {source}",
-                      params=params or None).to_arrow_table()
+        tab = con.sql(f"SELECT {'layer, ' if several else ''}expert FROM {source}", params=params or None).to_arrow_table()
     finally:
         con.close()
     expert = tab.column("expert").to_numpy()
-    if len(plan.layers) > 1:  # a layer's rows keep their order; layers interleave within a segment
+    if several:  # a layer's rows keep their order; layers interleave within a segment
         expert = expert[np.argsort(tab.column("layer").to_numpy(), kind="stable")]
-    layer_n, rank_n, step_n, count_n = (np.asarray(counts[c]) for c in ("layer", "rank", "step", "n"))
+    step_n, count_n = np.asarray(counts["step"]), np.asarray(counts["n"])
+    if not len(step_n):  # no row matches the scope
+        return
+    layer_n = np.asarray(counts["layer"]) if several else np.full(len(step_n), plan.layers[0])
+    rank_n = np.asarray(counts["rank"]) if plan.rank_bits else np.full(len(step_n), plan.rank_lo)
     if int(count_n.sum()) != len(expert):
         raise RuntimeError(f"routing rows changed while read: {len(expert)} rows, counted {int(count_n.sum())}")
     ends = np.cumsum(count_n)

@@ -93,14 +93,14 @@ def id_ranges(ids) -> str:
 def run_health(store: Store, run: str, *, firing: int = 0, now: float | None = None,
                last_write: float | None = None, routing_rows: int = 0, ranks: list[int] | None = None) -> dict:
     """One run's health over its last WINDOW_STEPS steps: MaxVio (mean over layers), dead experts
-    (summed over layers), drop rate, alerts firing, recording status; from the rows of `ranks` only when given
+    (summed over layers, out of `experts`, every layer's E summed), drop rate, alerts firing, recording status; from the rows of `ranks` only when given
     (alerts, status and routing rows stay the run's)."""
     with store.reading(run):  # one segment listing and one connection for the run's seven metric calls
         now = time.time() if now is None else now
         phase, trained = _trained(store, run)
         last = last_step(store, run, phase, ranks, trained if phase == "train" and ranks is None else None)
         row = {"run": run, "phase": phase or "all", "last_step": last, "window_steps": WINDOW_STEPS, "maxvio": None,
-               "dead_experts": None, "drop_rate": None, "collapse": None, "alerts_firing": int(firing),
+               "dead_experts": None, "experts": None, "drop_rate": None, "collapse": None, "alerts_firing": int(firing),
                "last_write": _finite(last_write), "routing_rows": int(routing_rows)}
         ledger = store.ledger(run)
         row["status"] = status(row["last_write"], bool(len(ledger)) and bool(ledger["closed"].all()), now)
@@ -113,7 +113,7 @@ def run_health(store: Store, run: str, *, firing: int = 0, now: float | None = N
         if not maxvio.empty:
             row["maxvio"] = _finite(maxvio["maxvio_global_mean_layers"].iloc[0])
         if not dead.empty:
-            row["dead_experts"] = int(dead["dead"].sum())
+            row["dead_experts"], row["experts"] = int(dead["dead"].sum()), int(dead["num_experts"].sum())
         row["collapse"] = collapse_verdict(store, run, ranks)
         if not drops.empty and drops["slots"].sum() > 0:
             row["drop_rate"] = float(drops["dropped"].sum() / drops["slots"].sum())
@@ -128,6 +128,6 @@ def runs_health(store: Store, now: float | None = None, ranks: list[int] | None 
         firing[event["run"]] = firing.get(event["run"], 0) + 1
     rows = [run_health(store, r.run, firing=firing.get(r.run, 0), now=now, last_write=_finite(r.last_write),
                        routing_rows=r.routing_rows, ranks=ranks) for r in runs.iloc[::-1].itertuples()]
-    columns = ["run", "status", "phase", "last_step", "window_steps", "maxvio", "dead_experts", "drop_rate",
+    columns = ["run", "status", "phase", "last_step", "window_steps", "maxvio", "dead_experts", "experts", "drop_rate",
                "collapse", "alerts_firing", "last_write", "routing_rows"]
     return pd.DataFrame(rows, columns=columns)

@@ -112,6 +112,7 @@ class RunHealth(BaseModel):
     window_steps: int = Field(description="the health window: this many steps up to last_step")
     maxvio: Optional[float] = Field(None, description="MaxVio of the window, averaged over layers")
     dead_experts: Optional[int] = Field(None, description="experts with no load in the window, summed over layers")
+    experts: Optional[int] = Field(None, description="the experts dead_experts is out of: every layer's E, summed")
     drop_rate: Optional[float] = Field(None, description="dropped slots / all slots in the window")
     collapse: Optional[str] = Field(None, description="worst collapse verdict over the layers, with those layers "
                                                       "(null where collapse detection is not available)")

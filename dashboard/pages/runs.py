@@ -38,9 +38,12 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days ago"
 
 
-def cell(column: str, value, now: float):
+def cell(column: str, value, now: float, row=None):
     if value is None or value != value:
         return "—"
+    if column == "dead_experts":  # out of every layer's experts: 3 of 16 and 3 of 16,384 read differently
+        total = getattr(row, "experts", None)
+        return f"{int(value):,}" if total is None or total != total else f"{int(value):,} of {int(total):,}"
     if column == "run":
         return dcc.Link(value, href=common.href("/balance", state.search(runs=[value])))
     if column == "last_write":
@@ -69,7 +72,7 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
         if health.empty:
             return html.P(common.NO_RUNS, className="empty"), [], common.message(problems)
         head = html.Thead(html.Tr([html.Th(h) for h in HEADERS.values()]))
-        body = html.Tbody([html.Tr([html.Td(cell(c, getattr(r, c), now), className=f"col-{c}") for c in HEADERS],
+        body = html.Tbody([html.Tr([html.Td(cell(c, getattr(r, c), now, r), className=f"col-{c}") for c in HEADERS],
                                    className=f"status-{r.status}") for r in health.itertuples()])
         caption = [html.Caption(f"balance of rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} only")] \
             if ranks else []

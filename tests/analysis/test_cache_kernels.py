@@ -182,6 +182,11 @@ def test_segments_recorded_in_token_order_are_read_as_experts_and_step_counts_al
     monkeypatch.setattr(ec._OrderKey, "plan", staticmethod(lambda *a, **k: None))  # DuckDB sorts every row instead
     ec.STREAMS.clear()
     assert by_step.equals(compute_metric(store, "expert_cache", "flagged", cache_sizes=[2, 3], by="step", steps=(1, 2)))
+    ec.STREAMS.clear()
+    monkeypatch.undo()
+    plans = planned(monkeypatch)
+    nothing = compute_metric(store, "expert_cache", "flagged", cache_sizes=[2], phase="eval")  # no row of that phase
+    assert nothing.empty and plans[-1].presorted
 
 
 def test_a_ranks_segments_that_overlap_in_steps_are_read_with_the_full_token_key(store, monkeypatch):

@@ -54,6 +54,7 @@ def test_metric_answers_keep_to_their_documented_columns(client, metric, by):
 def test_run_health_route_answers_what_the_runs_page_shows(client):
     [row] = client.get("/api/runs/health").json()
     assert row["run"] == RUN and row["dead_experts"] == 1 and row["status"] == "recording"
+    assert row["experts"] == sum(layer["num_experts"] for layer in client.get(f"/api/runs/{RUN}/layers").json())
 
 
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])

@@ -49,7 +49,7 @@ def test_balance_and_runs_filter_by_rank_and_keep_it_in_the_url(recorded_store, 
         table = wait_for(browser, text_of("#runs-table", "t.includes('rank 0 only')"))
         row = next(line.split("\t") for line in table.splitlines() if line.startswith(RUN))
         health = summaries.run_health(recorded_store, RUN, ranks=[0])
-        assert row[3] == f"{health['maxvio']:.3f}" and row[4] == str(health["dead_experts"])
+        assert row[3] == f"{health['maxvio']:.3f}" and row[4] == f"{health['dead_experts']} of {health['experts']}"
         assert health["maxvio"] != summaries.run_health(recorded_store, RUN)["maxvio"]
         browser.find_element("css selector", "#runs-select label").click()
         link = wait_for(browser, "const a = document.querySelector('#runs-open-balance'); return a && a.href;")

@@ -25,10 +25,10 @@ def test_runs_page_shows_each_runs_health_and_opens_the_picked_runs_overlaid(rec
         assert set(rows) == {RUN, OTHER}
         for run in (RUN, OTHER):
             maxvio = compute_metric(recorded_store, "maxvio", run=run, by="window")["maxvio_global_mean_layers"].iloc[0]
-            dead = int(compute_metric(recorded_store, "dead_experts", run=run, by="window")["dead"].sum())
+            dead = compute_metric(recorded_store, "dead_experts", run=run, by="window")
             status, last_step, shown_maxvio, shown_dead, drop_rate, firing = rows[run][1:7]
             assert status == "recording" and last_step == str(STEPS - 1)
-            assert shown_maxvio == f"{maxvio:.3f}" and shown_dead == str(dead) and drop_rate == "0.00%"
+            assert shown_maxvio == f"{maxvio:.3f}" and shown_dead == f"{dead.dead.sum()} of {dead.num_experts.sum()}" and drop_rate == "0.00%"
             assert firing == ("1" if run == RUN else "0")
             verdict = summaries.collapse_verdict(recorded_store, run)  # None where collapse detection is absent
             assert rows[run][7] == (verdict or "—")
