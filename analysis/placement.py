@@ -475,7 +475,8 @@ def placement(store, scope: Scope, meta: pd.DataFrame, ep_size=None, gpus_per_no
     the recorded map, else contiguous) and this
     one's improvement (balancedness / current's) and traffic_ratio (copies / current's),
     suggested (the load-aware policy with the best fit-window balancedness, fewer fit-window
-    copies among those within 1%), and placement (device -> experts).
+    copies among those within 1%; none when it does not beat the current placement on the fit
+    window: 1% better balanced, or as balanced with 1% fewer copies), and placement (device -> experts).
     """
     check_options("placement", options, set())
     rows = meta[[scope.layers is None or int(x) in scope.layers for x in meta.layer]]
@@ -643,6 +644,21 @@ def _per_layer(window: Window, evaluated: dict[str, Evaluated], per_copy: float)
     return out
 
 
+# A placement is worth moving experts for when it balances the fit window this much better than the current one, or
+# balances it as well (within this much) with this much less all-to-all traffic.
+SUGGEST_GAIN = 0.01
+
+
+def _beats(row, cur) -> bool:
+    """Whether `row`'s placement gains on the current one's over the fit window (SUGGEST_GAIN)."""
+    if row.policy == cur.policy:
+        return False
+    if row.balancedness_fit >= cur.balancedness_fit * (1 + SUGGEST_GAIN):
+        return True
+    fewer = row.copies_per_step_fit <= cur.copies_per_step_fit * (1 - SUGGEST_GAIN)
+    return bool(row.balancedness_fit >= cur.balancedness_fit * (1 - SUGGEST_GAIN) and fewer)
+
+
 def _summary(ev: pd.DataFrame, fit: pd.DataFrame, policies, current, placements, layers, layout: Layout) -> pd.DataFrame:
     fit = fit[["policy", "layer", "balancedness", "copies_per_step"]].rename(
         columns={"balancedness": "balancedness_fit", "copies_per_step": "copies_per_step_fit"})
@@ -660,8 +676,10 @@ def _summary(ev: pd.DataFrame, fit: pd.DataFrame, policies, current, placements,
     df["suggested"] = False
     for layer, grp in df[df.policy.isin([p for p in policies if p in LOAD_AWARE])].groupby("layer"):
         best = grp.balancedness_fit.max()
-        near = grp[grp.balancedness_fit >= best * 0.99 - 1e-12]
-        df.loc[near.copies_per_step_fit.idxmin() if near.copies_per_step_fit.notna().any() else near.index[0], "suggested"] = True
+        near = grp[grp.balancedness_fit >= best * (1 - SUGGEST_GAIN) - 1e-12]
+        pick = near.copies_per_step_fit.idxmin() if near.copies_per_step_fit.notna().any() else near.index[0]
+        if _beats(df.loc[pick], cur.loc[layer]) if layer in cur.index else True:
+            df.loc[pick, "suggested"] = True
     index = {layer: i for i, layer in enumerate(layers)}
     df["placement"] = [placements[p][index[layer]] for p, layer in zip(df.policy, df.layer)]
     df.insert(2, "ep_size", layout.ep_size)

@@ -212,6 +212,8 @@ def cmd_scenario(args) -> int:
 def cmd_whatif(args) -> int:
     import pandas as pd
 
+    from moescope.analysis.placement import LOAD_AWARE
+
     def ints(flag, text, sep=","):
         try:
             return [int(x) for x in text.split(sep)] if text else None
@@ -233,9 +235,12 @@ def cmd_whatif(args) -> int:
                       fit_steps=fit_steps, **scope)
     with pd.option_context("display.width", 250, "display.max_columns", 40):
         print(df.drop(columns=["placement"], errors="ignore").to_string(index=False))
-    for row in df[df.suggested].itertuples() if "suggested" in df else ():
-        print(f"layer {row.layer}: suggested {row.policy} (balancedness {row.balancedness:.3f}, "
-              f"x{row.improvement:.2f} over {row.current}); devices -> experts: {row.placement}")
+    for layer, rows in df.groupby("layer") if "suggested" in df and df.policy.isin(LOAD_AWARE).any() else ():
+        for row in rows[rows.suggested].itertuples():
+            print(f"layer {row.layer}: suggested {row.policy} (balancedness {row.balancedness:.3f}, "
+                  f"x{row.improvement:.2f} over {row.current}); devices -> experts: {row.placement}")
+        if not rows.suggested.any():
+            print(f"layer {layer}: no map suggested: none balances the fit window better than {rows.current.iloc[0]}")
     return 0
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 from dash import Input, Output, State, dcc, html
 
 from moescope.analysis import compute_metric
-from moescope.analysis.placement import LOAD_AWARE, POLICIES
+from moescope.analysis.placement import LOAD_AWARE, POLICIES, SUGGEST_GAIN
 from moescope.dashboard import figures, state
 from moescope.dashboard.pages import common
 
@@ -143,9 +143,20 @@ def summary_table(df: pd.DataFrame, per_bytes: bool) -> html.Table:
 
 
 def suggested_map(df: pd.DataFrame) -> html.P | None:
+    """The suggested map, or why there is none: a map that balances no better than the current one is no advice."""
     best = df[df.suggested]
     if best.empty:
-        return None
+        if df.empty or not df.policy.isin(LOAD_AWARE).any():
+            return None
+        cur = df[df.policy == df.current.iloc[0]]
+        why = ""
+        if len(cur) and max(map(len, cur.placement.iloc[0])) <= 1:
+            why = (" With one expert per device, moving experts only renumbers the devices: redundant slots, which "
+                   "replicate the busiest experts, are what can balance them.")
+        return html.P([html.Strong("No map suggested: "),
+                       f"no load-aware policy balances the fit window at least {SUGGEST_GAIN:.0%} better than the "
+                       f"current placement ({df.current.iloc[0]}), or as well with {SUGGEST_GAIN:.0%} less traffic." + why],
+                      id="wi-suggested-map")
     r = best.iloc[0]
     devices = "; ".join(f"device {d}: {', '.join(map(str, experts)) or '—'}" for d, experts in enumerate(r.placement))
     return html.P([html.Strong(f"Suggested map ({r.policy}): "), devices], id="wi-suggested-map")

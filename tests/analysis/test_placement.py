@@ -151,6 +151,23 @@ def test_suggestion_fitted_on_past_window_is_judged_on_the_later_one(store):
     assert bool(row.suggested)
 
 
+def test_no_map_is_suggested_when_none_beats_the_current_placement(store, capsys):
+    # Eight experts on eight devices: every placement puts one expert on each, so all balance alike.
+    write_trace(store, "flat", top1_trace([8, 7, 6, 5, 4, 3, 2, 1], [0, 1]), num_experts=8, top_k=1)
+    df = compute_metric(store, "placement", "flat", ep_size=8, policy=["contiguous", "eplb", "coactivation"], by="window")
+    assert df.balancedness.nunique() == 1 and not df.suggested.any()
+    assert main(["whatif", "placement", "flat", "--store", str(store.root), "--ep-size", "8", "--policy", "eplb"]) == 0
+    assert "layer 0: no map suggested: none balances the fit window better than contiguous" in capsys.readouterr().out
+    # Already the balanced map: EPLB's fit cannot gain on it either.
+    best = compute_metric(store, "placement", "flat", ep_size=4, policy="eplb", by="window").placement.iloc[0]
+    device_of = {e: d for d, experts in enumerate(best) for e in experts}
+    again = compute_metric(store, "placement", "flat", ep_size=4, policy=["map", "eplb"],
+                           expert_map=[device_of[e] for e in range(8)], by="window")
+    assert again.current.iloc[0] == "map" and not again.suggested.any()
+    # Two devices short of balance: the suggestion returns.
+    assert compute_metric(store, "placement", "flat", ep_size=4, policy=["contiguous", "eplb"], by="window").suggested.any()
+
+
 def test_suggested_map_reaches_the_optimum_and_cuts_copies_against_contiguous(store):
     # pairs (0,7) (1,6) (2,5) (3,4) always fire together, equal loads: the optimum is balance 1
     # with each pair on one device, one copy per token not living there.
