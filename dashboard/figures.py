@@ -21,9 +21,26 @@ COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 FIXED_UTILISATION_RANGE = (0.0, 3.0)
 
 
+# Titles longer than this break onto a second line at their last separator within it: half-width panels cut them.
+TITLE_CHARS = 60
+_SEPARATORS = (" — ", " vs ", ": ", ", ", " (")
+
+
+def fit_title(title: str) -> str:
+    """`title` on two lines when longer than TITLE_CHARS, broken after its last separator that keeps line one short."""
+    if len(title) <= TITLE_CHARS or "<br>" in title:
+        return title
+    cuts = [(title.rfind(sep, 0, TITLE_CHARS), sep) for sep in _SEPARATORS]
+    at, sep = max(cuts)
+    if at <= 0:
+        return title
+    return title[:at] + sep.rstrip() + "<br>" + title[at + len(sep):] if sep != " (" else \
+        title[:at] + "<br>" + title[at + 1:]
+
+
 def empty_figure(message: str = NO_DATA, title: str = "") -> go.Figure:
     fig = go.Figure()
-    fig.update_layout(title=title, margin=_MARGIN, xaxis={"visible": False}, yaxis={"visible": False}, height=320,
+    fig.update_layout(title=fit_title(title), margin=_MARGIN, xaxis={"visible": False}, yaxis={"visible": False}, height=320,
                       annotations=[{"text": message, "showarrow": False, "font": {"size": 14, "color": "#666"},
                                     "xref": "paper", "yref": "paper", "x": 0.5, "y": 0.5}])
     return fig
@@ -81,7 +98,7 @@ def step_lines(series: dict[str, pd.DataFrame], value: str, *, title: str, y_tit
         fig.add_hline(y=baseline, line={"color": "#999", "dash": "dot"}, annotation_text=baseline_label,
                       annotation_position="top left")
     all_steps = [s for df in series.values() for s in df["step"].astype("int64")]
-    fig.update_layout(title=title, margin=_MARGIN, xaxis=step_axis(all_steps), yaxis={"title": {"text": y_title}},
+    fig.update_layout(title=fit_title(title), margin=_MARGIN, xaxis=step_axis(all_steps), yaxis={"title": {"text": y_title}},
                       legend={"orientation": "h", "y": -0.25}, uirevision=uirevision, height=340)
     return fig
 
@@ -109,7 +126,7 @@ def band_chart(df: pd.DataFrame, *, title: str, y_title: str, uirevision: str = 
                       annotation_position="bottom right")
     for step in onsets or []:
         fig.add_vline(x=int(step), line={"color": "#d62728", "dash": "dash"}, annotation_text=f"collapse onset {int(step)}")
-    fig.update_layout(title=title, margin=_MARGIN, xaxis=step_axis(steps), yaxis={"title": {"text": y_title}},
+    fig.update_layout(title=fit_title(title), margin=_MARGIN, xaxis=step_axis(steps), yaxis={"title": {"text": y_title}},
                       legend={"orientation": "h", "y": -0.25}, uirevision=uirevision, height=340)
     return fig
 
@@ -145,7 +162,7 @@ def step_heatmap(df: pd.DataFrame, value: str, row: str, *, title: str, row_titl
         colorbar={"title": {"text": colour_title}},
         hovertemplate=f"{row_label or row_title} %{{y}}<br>step %{{x}}<br>{colour_title} %{{z:.4g}}<extra></extra>"))
     suffix = f" (steps averaged in buckets of {width})" if width > 1 else ""
-    fig.update_layout(title=title + suffix, margin=_MARGIN, xaxis=step_axis(grid.columns),
+    fig.update_layout(title=fit_title(title + suffix), margin=_MARGIN, xaxis=step_axis(grid.columns),
                       yaxis={"title": {"text": row_title}, "autorange": "reversed", "tickformat": "d",
                              **({"dtick": 1} if len(rows) <= 16 else {})},
                       uirevision=uirevision, height=max(320, min(900, 140 + 12 * len(rows))))
@@ -166,7 +183,7 @@ def matrix_heatmap(grid: pd.DataFrame, *, title: str, x_title: str, y_title: str
         trace["customdata"] = hover_extra
         trace["hovertemplate"] = trace["hovertemplate"].replace("<extra>", "<br>%{customdata}<extra>")
     fig = go.Figure(go.Heatmap(**trace))
-    fig.update_layout(title=title, margin=_MARGIN, uirevision=uirevision,
+    fig.update_layout(title=fit_title(title), margin=_MARGIN, uirevision=uirevision,
                       xaxis={"title": {"text": x_title}, "type": "category"},
                       yaxis={"title": {"text": y_title}, "type": "category", "autorange": "reversed"},
                       height=max(320, min(900, 160 + 14 * len(grid.index))))
@@ -199,7 +216,7 @@ def grouped_bars(df: pd.DataFrame, x: str, bars: dict[str, str], *, title: str, 
                                  marker={"color": "rgba(0,0,0,0)", "line": {"color": colour, "width": 2},
                                          "pattern": {"shape": "/", "fgcolor": colour}},
                                  hovertemplate=f"{x_title} %{{x}}<br>{bname} %{{y:.4g}}<extra></extra>"))
-    fig.update_layout(title=title, margin=_MARGIN, barmode="group", uirevision=uirevision, height=340,
+    fig.update_layout(title=fit_title(title), margin=_MARGIN, barmode="group", uirevision=uirevision, height=340,
                       xaxis={"title": {"text": x_title}, "type": "category"}, yaxis={"title": {"text": y_title}},
                       legend={"orientation": "h", "y": -0.25})
     return fig
@@ -218,7 +235,7 @@ def xy_lines(series: dict[str, pd.DataFrame], x: str, y: str, *, title: str, x_t
                                  line={"color": COLOURS[i % len(COLOURS)],
                                        "dash": "dot" if dash_names and name in dash_names else "solid"},
                                  hovertemplate=f"{name}<br>{x_title} %{{x}}<br>{y_title} %{{y:.4g}}<extra></extra>"))
-    fig.update_layout(title=title, margin=_MARGIN, uirevision=uirevision, height=340,
+    fig.update_layout(title=fit_title(title), margin=_MARGIN, uirevision=uirevision, height=340,
                       xaxis={"title": {"text": x_title}, **({"type": "category"} if x_category else {})},
                       yaxis={"title": {"text": y_title}}, legend={"orientation": "h", "y": -0.25})
     return fig

@@ -11,7 +11,9 @@ from moescope.dashboard import figures, summaries
 from moescope.dashboard.pages import common
 
 TOKENS, BALANCE = "balance-device-tokens", "balance-device-balancedness"
-NO_MAP = "recorded no expert → device map"
+# Where a run has no map, the panels say how to record one (and where placements are replayed without one).
+NO_MAP = ("no expert → device map recorded for this scope<br>record one with attach(model, ep_size=N) or "
+          "expert_devices=…;<br>Placement & cache replays placements without one")
 
 
 def row() -> html.Div:
@@ -34,7 +36,7 @@ def figures_for(store, runs: list[str], layer: int | None, steps, ranks, smoothi
     first = loads[runs[0]]
     tokens_title = f"Tokens per device — {runs[0]}, {where}"
     if first is None:
-        tokens = figures.empty_figure(figures.NO_DATA, f"{tokens_title} ({NO_MAP})")
+        tokens = figures.empty_figure(NO_MAP, f"Tokens per device — {where}")
     else:
         tokens = figures.step_lines({f"device {d}": df[["step", "tokens"]] for d, df in first.groupby("device")},
                                     "tokens", title=tokens_title, y_title="tokens (assignments)", smoothing=smoothing,
@@ -42,7 +44,7 @@ def figures_for(store, runs: list[str], layer: int | None, steps, ranks, smoothi
     have = {run: df.drop_duplicates("step")[["step", "balancedness"]] for run, df in loads.items() if df is not None}
     balance_title = f"Device balancedness (mean / max tokens per device) — {where}"
     if not have:
-        balance = figures.empty_figure(figures.NO_DATA, f"{balance_title} ({NO_MAP})")
+        balance = figures.empty_figure(NO_MAP, f"Device balancedness — {where}")
     else:
         balance = figures.step_lines(have, "balancedness", title=balance_title, y_title="balancedness (1 = balanced)",
                                      smoothing=smoothing, uirevision=f"{','.join(runs)}|{layer}", baseline=1.0,

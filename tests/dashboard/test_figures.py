@@ -68,3 +68,14 @@ def test_over_uniform_scale_is_one_range_for_every_grid_with_white_at_one():
     assert scale["zrange"] == (0.0, 6.0)
     assert scale["colorscale"][1] == [1 / 6, "#f7f7f7"]
     assert figures.over_uniform_scale(pd.DataFrame([[0.5, 1.2]]))["zrange"] == (0.0, 2.0)  # white stays inside
+
+
+def test_long_titles_break_onto_a_second_line_at_a_separator():
+    long = "Routing agreement: demo-20261203-095941@step-0 vs demo-20261203-095941@step-60"
+    assert figures.fit_title(long) == "Routing agreement: demo-20261203-095941@step-0 vs<br>demo-20261203-095941@step-60"
+    assert figures.fit_title("Device balancedness (mean / max tokens per device) — all layers") == \
+        "Device balancedness (mean / max tokens per device) —<br>all layers"
+    assert figures.fit_title("MaxVio per step — layer 0") == "MaxVio per step — layer 0"  # short: as it is
+    assert figures.fit_title("x" * 80) == "x" * 80  # nowhere to break
+    fig = figures.empty_figure(title=long)
+    assert all(len(line) <= figures.TITLE_CHARS for line in fig.layout.title.text.split("<br>"))

@@ -1,11 +1,12 @@
 """Balance page's per-device charts in headless Chromium: values against the analysis library, a layer's own
-devices, and "no data for this scope" for a run that recorded no expert -> device map."""
+devices, and how to record a map for a run that recorded no expert -> device map."""
 from __future__ import annotations
 
 import pytest
 
 from moescope.analysis import compute_metric
-from moescope.dashboard import create_app, figures
+from moescope.dashboard import create_app
+from moescope.dashboard.pages import balance_devices
 from moescope.settings import Settings
 
 from .browser_support import LiveServer, graph_data, screenshot, severe_console_errors, type_into, wait_for
@@ -43,11 +44,12 @@ def test_device_charts_follow_the_recorded_map_per_layer_and_over_all_layers(rec
         assert severe_console_errors(browser) == []
 
 
-def test_a_run_without_a_map_shows_no_data_for_this_scope(recorded_store, browser):
+def test_a_run_without_a_map_says_how_to_record_one(recorded_store, browser):
     with LiveServer(create_app(recorded_store, Settings(api_token=None), refresh_ms=60_000)) as server:
         browser.get(f"{server.url}/dash/balance?runs={RUN}")
         for graph in ("balance-device-tokens", "balance-device-balancedness"):
             fig = wait_for(browser, graph_data(graph, "notes.length > 0 && !notes.includes('loading…')"))
-            assert fig["notes"] == [figures.NO_DATA] and "no expert → device map" in fig["title"]
+            assert fig["notes"] == [balance_devices.NO_MAP] and "attach(model, ep_size=N)" in fig["notes"][0]
+            assert fig["title"].endswith("— all layers")  # short: the half-width panel shows it whole
         wait_for(browser, graph_data("balance-maxvio", "data.length === 1"))  # the rest of the page is unaffected
         assert severe_console_errors(browser) == []
