@@ -55,16 +55,24 @@ def create_app(store: Store, settings: Settings | None = None, *, refresh_ms: in
     return app
 
 
-def serve(store: Store, host: str = "127.0.0.1", port: int = 8050, *, settings: Settings | None = None) -> None:
-    """Run the API and dashboard with uvicorn until interrupted."""
+def serve(store: Store, host: str = "127.0.0.1", port: int = 8050, *, settings: Settings | None = None,
+          evaluate_alerts: bool = False) -> None:
+    """Run the API and dashboard with uvicorn until interrupted; with evaluate_alerts, also evaluate the alert rules
+    every settings.alert_interval_s (alert_loop), as beat does where workers run."""
     import sys
 
     import uvicorn
 
+    from moescope.dashboard.alert_loop import AlertLoop
     from moescope.dashboard.deps import is_loopback
 
     settings = (settings or get_settings()).model_copy(update={"host": host, "port": port})
     if not settings.api_token and not is_loopback(host):
         print(f"moescope: warning: listening on {host} with no MOESCOPE_API_TOKEN: reads are open to whoever reaches "
               "the port, and writes (alert rules) are refused until a token is set", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(store, settings), host=host, port=port, log_level="info")
+    loop = AlertLoop(store, settings.alert_interval_s, settings).start() if evaluate_alerts else None
+    try:
+        uvicorn.run(create_app(store, settings), host=host, port=port, log_level="info")
+    finally:
+        if loop is not None:
+            loop.stop()

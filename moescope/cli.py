@@ -44,20 +44,22 @@ def cmd_demo(args) -> int:
     print(summary)
     if args.no_serve:
         return 0
-    return _serve(store, args.host, args.port)
+    return _serve(store, args.host, args.port, evaluate_alerts=True)  # no beat in the demo: the server evaluates
 
 
 def cmd_serve(args) -> int:
-    return _serve(_store(args, create=False), args.host, args.port)
+    return _serve(_store(args, create=False), args.host, args.port, evaluate_alerts=args.evaluate_alerts)
 
 
-def _serve(store, host, port) -> int:
+def _serve(store, host, port, *, evaluate_alerts: bool = False) -> int:
     from moescope.dashboard import serve
 
     settings = get_settings(host=host, port=port)
     _check_port_free(settings.host, settings.port)
     print(f"moescope dashboard on http://{settings.host}:{settings.port}/  (store {store.root}; Ctrl-C to stop)", flush=True)
-    serve(store, settings.host, settings.port, settings=settings)
+    if evaluate_alerts:
+        print(f"evaluating alert rules every {settings.alert_interval_s:g} s", flush=True)
+    serve(store, settings.host, settings.port, settings=settings, evaluate_alerts=evaluate_alerts)
     return 0
 
 
@@ -348,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[common], help="serve the API and dashboard on 127.0.0.1")
     serve.add_argument("--host", default=None, help="address to bind (default settings.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port to bind (default settings.port, 8050)")
+    serve.add_argument("--evaluate-alerts", action="store_true", help="evaluate the alert rules every alert_interval_s "
+                       "in this process, for a deployment without `moescope beat` (safe beside one)")
     serve.set_defaults(func=cmd_serve)
 
     sub.add_parser("runs", parents=[common], help="table of recorded runs").set_defaults(func=cmd_runs)

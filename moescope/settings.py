@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     debug: bool = Field(False, description="Show tracebacks instead of one-line errors on the command line.")
     compact_interval_s: float = Field(60.0, description="How often beat schedules segment compaction.")
     retention_days: float | None = Field(None, description="Drop runs older than this many days (None keeps everything).")
-    alert_interval_s: float = Field(30.0, description="How often beat schedules alert evaluation.")
+    alert_interval_s: float = Field(30.0, gt=0, description="How often beat (or `moescope serve --evaluate-alerts`) evaluates the alert rules.")
     webhook_allowed_hosts: list[str] = Field(default_factory=list, description="Hosts alert webhooks may post to, as glob patterns (e.g. [\"hooks.slack.com\", \"*.corp.example\"]); empty allows any host. Checked when a rule is created and at each delivery.")
 
     @field_validator("store", mode="before")

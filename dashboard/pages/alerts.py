@@ -73,12 +73,31 @@ def write_refusal(settings, token: str | None) -> str | None:
     return None
 
 
-def rules_table(rules: list[dict]) -> html.Table | html.P:
+# Shown under the rules when a rule has not been evaluated on the picked run: what evaluates rules, and when.
+NOT_EVALUATED = ("\"not yet\": no evaluator has run this rule on this run since the rule was created. Rules are "
+                 "evaluated by `moescope beat` (every alert_interval_s), or by `moescope serve --evaluate-alerts` where "
+                 "no beat runs; a rule starts at the run's latest step. Pick it in \"Rule to plot\" to see its series "
+                 "over the whole run.")
+
+
+def evaluated(store, rule: dict, run: str | None) -> str:
+    """How far live evaluation of `rule` has gone on `run`: "through step N", "not yet", or "—" (not its run)."""
+    if not run or rule["run"] not in (None, run):
+        return "—"
+    state = store.alert_state(rule["id"], run)
+    if state is None or state["last_step"] is None:
+        return "not yet"
+    return f"through step {state['last_step']}" + (" (firing)" if state["firing"] else "")
+
+
+def rules_table(rules: list[dict], progress: list[str] | None = None) -> html.Div | html.P:
+    """The rules, with how far each has been evaluated on the picked run (`progress`, one entry per rule) when given."""
     if not rules:
         return html.P("no alert rules yet", className="muted")
-    head = ["id", "name", "metric", "scope", "condition", "aggregation", "breaches", "enabled", ""]
+    head = ["id", "name", "metric", "scope", "condition", "aggregation", "breaches", "enabled"] + \
+        (["evaluated on the run"] if progress is not None else []) + [""]
     rows = []
-    for r in rules:
+    for i, r in enumerate(rules):
         scope = r["run"] or "every run"
         scope += f", layer {r['layer']}" if r.get("layer") is not None else ""
         scope += f", expert {r['expert']}" if r.get("expert") is not None else ""
@@ -86,10 +105,13 @@ def rules_table(rules: list[dict]) -> html.Table | html.P:
         rows.append(html.Tr([html.Td(r["id"]), html.Td(r["name"]), html.Td(r["metric"]), html.Td(scope),
                              html.Td(f"{r['comparison']} {r['threshold']:g}"), html.Td(agg),
                              html.Td(r["for_evaluations"]), html.Td("yes" if r["enabled"] else "no"),
+                             *([html.Td(progress[i])] if progress is not None else []),
                              html.Td(html.Button("delete", id={"type": "alerts-delete", "index": r["id"]},
                                                  n_clicks=0, className="button small"))]))
-    return html.Table([html.Thead(html.Tr([html.Th(h) for h in head])), html.Tbody(rows)], id="alerts-rules-table",
-                      className="table")
+    table = html.Table([html.Thead(html.Tr([html.Th(h) for h in head])), html.Tbody(rows)], id="alerts-rules-table",
+                       className="table")
+    waiting = progress is not None and "not yet" in progress
+    return html.Div([table, html.P(NOT_EVALUATED, id="alerts-not-evaluated", className="muted")] if waiting else [table])
 
 
 def event_link(event: dict) -> str:
@@ -208,4 +230,5 @@ def register(app: dash.Dash, ctx: common.Context) -> None:
         series = series_figure(ctx.store, key, run)
         events = alerts.list_events(ctx.store, run=run or None, limit=500)
         timeline, table = events_view(events, names)
-        return rules_table(rules), options, series, timeline, table, common.message(problems, note)
+        progress = [evaluated(ctx.store, r, run) for r in rules] if run else None
+        return rules_table(rules, progress), options, series, timeline, table, common.message(problems, note)

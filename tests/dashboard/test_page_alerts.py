@@ -41,6 +41,9 @@ def test_alert_rules_are_written_with_the_token_plotted_against_their_threshold_
         [rule] = alerts.list_rules(recorded_store)
         assert (rule["name"], rule["metric"], rule["threshold"], rule["run"]) == ("imbalance", "maxvio", 0.1, RUN)
         wait_for(browser, text_of("#alerts-rules-table", "t.includes('imbalance') && t.includes('> 0.1')"))
+        # No evaluator has run it yet (no beat here): the table says so, and what would evaluate it.
+        wait_for(browser, text_of("#alerts-rules-table", "t.includes('not yet')"))
+        assert "moescope serve --evaluate-alerts" in wait_for(browser, text_of("#alerts-not-evaluated"))
 
         # The rule's own series, against its threshold, as the alerts module evaluates it.
         _click_option(browser, "alerts-rule", "imbalance")
@@ -55,6 +58,8 @@ def test_alert_rules_are_written_with_the_token_plotted_against_their_threshold_
         [event] = alerts.evaluate_alerts(recorded_store)
         assert event["state"] == "firing"
         events = wait_for(browser, text_of("#alerts-events-table", "t.includes('firing')"))
+        wait_for(browser, text_of("#alerts-rules-table", f"t.includes('through step {event['step']} (firing)')"))
+        assert browser.find_elements("id", "alerts-not-evaluated") == []
         assert "imbalance" in events and RUN in events
         wait_for(browser, graph_data("alerts-timeline", "data.length === 1 && data[0].name === 'firing'"))
         screenshot(browser, "alerts")

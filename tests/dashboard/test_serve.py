@@ -1,6 +1,7 @@
 """serve(): the function `moescope serve` runs, started as its own process like the CLI does."""
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import time
 
 import httpx
 
+from moescope.analysis import alerts
 from moescope.analysis.store import AnalysisStore as Store
 
 from .conftest import RUN, fill_store
@@ -43,3 +45,26 @@ def test_serve_answers_api_and_dashboard_until_stopped(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_serve_with_evaluate_alerts_fires_rules_without_beat(tmp_path):
+    root = tmp_path / "store"
+    store = fill_store(Store(root))
+    rule = alerts.add_rule(store, name="imbalance", metric="maxvio", comparison=">", threshold=0.1, run=RUN)
+    port = _free_port()
+    env = {**os.environ, "MOESCOPE_ALERT_INTERVAL_S": "0.2"}
+    proc = subprocess.Popen([sys.executable, "-m", "moescope", "serve", "--store", str(root), "--port", str(port),
+                             "--evaluate-alerts"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not alerts.list_events(store, run=RUN):
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "no alert event from the server's own evaluation"
+            time.sleep(0.2)
+        [event] = alerts.list_events(store, run=RUN)
+        assert event["state"] == "firing" and event["rule_id"] == rule["id"]
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=20)[0].decode()
+        store.close()
+    assert "evaluating alert rules every 0.2 s" in out
