@@ -48,7 +48,7 @@ def _cell(v) -> html.Td:
         return html.Td(", ".join(items) or "—")
     if v is None or pd.isna(v):  # None, NaN and pandas' NA (a nullable onset step)
         return html.Td("—")
-    text = f"{v:.4g}" if isinstance(v, float) else str(v)
+    text = f"{v:.3f}" if isinstance(v, float) else str(v)  # shares: fixed places line up down a column
     return html.Td(text[:CELL_CHARS] + " …", title=text) if len(text) > CELL_CHARS + 2 else html.Td(text)
 
 

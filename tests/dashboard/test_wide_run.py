@@ -198,6 +198,7 @@ def test_router_health_shows_every_layers_verdict_shortened_and_the_picked_layer
     shown = _rows(_find(out["health-collapse.children"], "health-evidence-table"))
     assert {int(r[0]["children"]) for r in shown} == {layer}
     assert [int(r[1]["children"]) for r in shown] == evidence[evidence.layer == layer].expert.tolist()
+    assert [r[6]["children"] for r in shown] == [f"{v:.3f}" for v in evidence[evidence.layer == layer].share_after]
 
 
 def test_top_tokens_list_experts_with_tokens_and_gather_the_rest_in_one_row(wide):
