@@ -63,20 +63,24 @@ def collapse_table(store: Store, run: str, detail: str = "layers", ranks: list[i
 def collapse_verdict(store: Store, run: str, ranks: list[int] | None = None) -> str | None:
     """The worst collapse verdict over the run's layers and the layers that have it, e.g. "collapsing (layer 3)" or
     "collapsed (60 of 64 layers: 0–5, 7–23, 25–58, 60–63)"; None where the collapse metric is not available."""
+    return worst_collapse(store, run, ranks)[0]
+
+
+def worst_collapse(store: Store, run: str, ranks: list[int] | None = None) -> tuple[str | None, int | None]:
+    """collapse_verdict, and the first layer with that verdict (None when every layer is healthy): the layer to open."""
     verdicts = collapse_table(store, run, ranks=ranks)
-    if verdicts is None:
-        return None
+    if verdicts is None or verdicts.empty:
+        return None, None
     from moescope.analysis.collapse import VERDICTS  # ordered from healthy to collapsed
 
-    if verdicts.empty:
-        return None
     worst = max(verdicts["verdict"], key=VERDICTS.index)
     if worst == "healthy":
-        return worst
+        return worst, None
     layers = verdicts.loc[verdicts["verdict"] == worst, "layer"]
+    first = int(layers.min())
     if len(layers) == 1:
-        return f"{worst} (layer {int(layers.iloc[0])})"
-    return f"{worst} ({len(layers)} of {len(verdicts)} layers: {id_ranges(layers)})"
+        return f"{worst} (layer {first})", first
+    return f"{worst} ({len(layers)} of {len(verdicts)} layers: {id_ranges(layers)})", first
 
 
 def id_ranges(ids) -> str:
@@ -100,7 +104,8 @@ def run_health(store: Store, run: str, *, firing: int = 0, now: float | None = N
         phase, trained = _trained(store, run)
         last = last_step(store, run, phase, ranks, trained if phase == "train" and ranks is None else None)
         row = {"run": run, "phase": phase or "all", "last_step": last, "window_steps": WINDOW_STEPS, "maxvio": None,
-               "dead_experts": None, "experts": None, "drop_rate": None, "collapse": None, "alerts_firing": int(firing),
+               "dead_experts": None, "experts": None, "drop_rate": None, "collapse": None, "collapse_layer": None,
+               "alerts_firing": int(firing),
                "last_write": _finite(last_write), "routing_rows": int(routing_rows)}
         ledger = store.ledger(run)
         row["status"] = status(row["last_write"], bool(len(ledger)) and bool(ledger["closed"].all()), now)
@@ -114,7 +119,7 @@ def run_health(store: Store, run: str, *, firing: int = 0, now: float | None = N
             row["maxvio"] = _finite(maxvio["maxvio_global_mean_layers"].iloc[0])
         if not dead.empty:
             row["dead_experts"], row["experts"] = int(dead["dead"].sum()), int(dead["num_experts"].sum())
-        row["collapse"] = collapse_verdict(store, run, ranks)
+        row["collapse"], row["collapse_layer"] = worst_collapse(store, run, ranks)
         if not drops.empty and drops["slots"].sum() > 0:
             row["drop_rate"] = float(drops["dropped"].sum() / drops["slots"].sum())
         return row
@@ -129,5 +134,5 @@ def runs_health(store: Store, now: float | None = None, ranks: list[int] | None 
     rows = [run_health(store, r.run, firing=firing.get(r.run, 0), now=now, last_write=_finite(r.last_write),
                        routing_rows=r.routing_rows, ranks=ranks) for r in runs.iloc[::-1].itertuples()]
     columns = ["run", "status", "phase", "last_step", "window_steps", "maxvio", "dead_experts", "experts", "drop_rate",
-               "collapse", "alerts_firing", "last_write", "routing_rows"]
+               "collapse", "collapse_layer", "alerts_firing", "last_write", "routing_rows"]
     return pd.DataFrame(rows, columns=columns)

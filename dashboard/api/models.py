@@ -116,6 +116,7 @@ class RunHealth(BaseModel):
     drop_rate: Optional[float] = Field(None, description="dropped slots / all slots in the window")
     collapse: Optional[str] = Field(None, description="worst collapse verdict over the layers, with those layers "
                                                       "(null where collapse detection is not available)")
+    collapse_layer: Optional[int] = Field(None, description="the first layer with that verdict (null when healthy)")
     alerts_firing: int = Field(description="alert rules firing on this run now")
     last_write: Optional[float] = Field(None, description="newest stored frame (Unix seconds)")
     routing_rows: int = Field(description="routing rows in live segments")

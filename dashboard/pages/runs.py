@@ -41,6 +41,10 @@ def _ago(seconds: float) -> str:
 def cell(column: str, value, now: float, row=None):
     if value is None or value != value:
         return "—"
+    if column == "collapse" and getattr(row, "collapse_layer", None) is not None and row.collapse_layer == row.collapse_layer:
+        # An unhealthy verdict opens the first layer that has it on Router health, where its onset and evidence are.
+        return dcc.Link(value, href=common.href("/health", state.search(runs=[row.run], layer=int(row.collapse_layer))),
+                        className="collapse-link")
     if column == "dead_experts":  # out of every layer's experts: 3 of 16 and 3 of 16,384 read differently
         total = getattr(row, "experts", None)
         return f"{int(value):,}" if total is None or total != total else f"{int(value):,} of {int(total):,}"

@@ -236,9 +236,11 @@ def test_compare_of_one_run_opens_on_its_first_replayed_checkpoint_against_its_l
     assert f"{RUN}@c1" in out["cmp-agreement.figure"]["layout"]["title"]["text"]
 
 
-def test_runs_table_names_the_collapsed_layers_as_ranges(wide):
+def test_runs_table_names_the_collapsed_layers_as_ranges_and_opens_the_first(wide):
     store, answer = wide
     verdicts = compute_metric(store, "collapse", RUN)
     worst = verdicts[verdicts.verdict == "collapsed"].layer
     out = json.dumps(answer("runs-table-holder.children", PAGES["runs-table-holder.children"]))
     assert f"collapsed ({len(worst)} of {LAYERS} layers: " in out
+    # The verdict links to Router health at the first collapsed layer, where its onset and evidence are shown.
+    assert f'"href": "/dash/health?runs={RUN}&layer={worst.min()}"' in out
