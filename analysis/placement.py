@@ -678,7 +678,7 @@ def _summary(ev: pd.DataFrame, fit: pd.DataFrame, policies, current, placements,
         best = grp.balancedness_fit.max()
         near = grp[grp.balancedness_fit >= best * (1 - SUGGEST_GAIN) - 1e-12]
         pick = near.copies_per_step_fit.idxmin() if near.copies_per_step_fit.notna().any() else near.index[0]
-        if _beats(df.loc[pick], cur.loc[layer]) if layer in cur.index else True:
+        if layer not in cur.index or _beats(df.loc[pick], cur.loc[layer]):
             df.loc[pick, "suggested"] = True
     index = {layer: i for i, layer in enumerate(layers)}
     df["placement"] = [placements[p][index[layer]] for p, layer in zip(df.policy, df.layer)]

@@ -150,7 +150,7 @@ def suggested_map(df: pd.DataFrame) -> html.P | None:
             return None
         cur = df[df.policy == df.current.iloc[0]]
         why = ""
-        if len(cur) and max(map(len, cur.placement.iloc[0])) <= 1:
+        if len(cur) and max(map(len, cur.placement.iloc[0]), default=0) <= 1:
             why = (" With one expert per device, moving experts only renumbers the devices: redundant slots, which "
                    "replicate the busiest experts, are what can balance them.")
         return html.P([html.Strong("No map suggested: "),
