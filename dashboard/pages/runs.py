@@ -45,6 +45,8 @@ def cell(column: str, value, now: float, row=None):
         # An unhealthy verdict opens the first layer that has it on Router health, where its onset and evidence are.
         return dcc.Link(value, href=common.href("/health", state.search(runs=[row.run], layer=int(row.collapse_layer))),
                         className="collapse-link")
+    if column == "alerts_firing" and value:  # what fires, and since which step, is on the Alerts page
+        return dcc.Link(str(value), href=common.href("/alerts", state.search(runs=[row.run])), className="alerts-link")
     if column == "dead_experts":  # out of every layer's experts: 3 of 16 and 3 of 16,384 read differently
         total = getattr(row, "experts", None)
         return f"{int(value):,}" if total is None or total != total else f"{int(value):,} of {int(total):,}"

@@ -28,10 +28,14 @@ def test_runs_page_shows_each_runs_health_and_opens_the_picked_runs_overlaid(rec
             dead = compute_metric(recorded_store, "dead_experts", run=run, by="window")
             status, last_step, shown_maxvio, shown_dead, drop_rate, firing = rows[run][1:7]
             assert status == "recording" and last_step == str(STEPS - 1)
-            assert shown_maxvio == f"{maxvio:.3f}" and shown_dead == f"{dead.dead.sum()} of {dead.num_experts.sum()}" and drop_rate == "0.00%"
+            assert shown_maxvio == f"{maxvio:.3f}" and drop_rate == "0.00%"
+            assert shown_dead == f"{dead.dead.sum()} of {dead.num_experts.sum()}"
             assert firing == ("1" if run == RUN else "0")
             verdict = summaries.collapse_verdict(recorded_store, run)  # None where collapse detection is absent
             assert rows[run][7] == (verdict or "—")
+        # A run with alerts firing links to its Alerts page.
+        link = browser.find_element("css selector", "#runs-table a.alerts-link")
+        assert link.text == "1" and link.get_attribute("href").endswith(f"/dash/alerts?runs={RUN}")
 
         # Tick both runs: the links open them overlaid, and the pick is in the URL.
         for label in browser.find_elements("css selector", "#runs-select label"):
