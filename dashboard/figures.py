@@ -34,8 +34,8 @@ def fit_title(title: str) -> str:
     at, sep = max(cuts)
     if at <= 0:
         return title
-    return title[:at] + sep.rstrip() + "<br>" + title[at + len(sep):] if sep != " (" else \
-        title[:at] + "<br>" + title[at + 1:]
+    head, tail = title[:at], title[at + len(sep):]
+    return f"{head}<br>({tail}" if sep == " (" else f"{head}{sep.rstrip()}<br>{tail}"  # "(" opens line two
 
 
 def empty_figure(message: str = NO_DATA, title: str = "") -> go.Figure:

@@ -38,10 +38,14 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days ago"
 
 
+def _given(value) -> bool:
+    return value is not None and value == value  # NaN: a column pandas filled for rows without the value
+
+
 def cell(column: str, value, now: float, row=None):
-    if value is None or value != value:
+    if not _given(value):
         return "—"
-    if column == "collapse" and getattr(row, "collapse_layer", None) is not None and row.collapse_layer == row.collapse_layer:
+    if column == "collapse" and _given(getattr(row, "collapse_layer", None)):
         # An unhealthy verdict opens the first layer that has it on Router health, where its onset and evidence are.
         return dcc.Link(value, href=common.href("/health", state.search(runs=[row.run], layer=int(row.collapse_layer))),
                         className="collapse-link")
@@ -49,7 +53,7 @@ def cell(column: str, value, now: float, row=None):
         return dcc.Link(str(value), href=common.href("/alerts", state.search(runs=[row.run])), className="alerts-link")
     if column == "dead_experts":  # out of every layer's experts: 3 of 16 and 3 of 16,384 read differently
         total = getattr(row, "experts", None)
-        return f"{int(value):,}" if total is None or total != total else f"{int(value):,} of {int(total):,}"
+        return f"{int(value):,} of {int(total):,}" if _given(total) else f"{int(value):,}"
     if column == "run":
         return dcc.Link(value, href=common.href("/balance", state.search(runs=[value])))
     if column == "last_write":
